@@ -1,0 +1,43 @@
+# crc-lightning — the README's two commands (`make demo`, `make test`) are the whole setup.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch/torchvision first, from the same index as the rest; lower bounds only (see pyproject.toml)
+TORCH_SPEC ?= torch>=2.2 torchvision>=0.17
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export PYTHONHASHSEED ?= 0
+
+.PHONY: install test test-slow demo lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check crc_lightning tests benchmarks
+	$(VENV)/bin/ruff format --check crc_lightning tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format crc_lightning tests benchmarks
+	$(VENV)/bin/ruff check --fix crc_lightning tests benchmarks
+
+# The main job end-to-end on the built-in synthetic cohort (minutes on a laptop CPU).
+demo: $(STAMP)
+	$(PY) -m crc_lightning.preprocess
+
+clean:
+	rm -rf outputs multirun .pytest_cache .ruff_cache
