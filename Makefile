@@ -15,7 +15,7 @@ export PYTHONHASHSEED ?= 0
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q $(foreach p,$(TORCH_SPEC),'$(p)')
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
