@@ -1,0 +1,113 @@
+"""W&B for sweeps, without letting patient data leave the machine.
+
+``logger=wandb`` builds a :class:`PrivateWandbLogger`: offline unless ``WANDB_MODE=online``; one W&B run
+per job (``finish_wandb`` ends it, ``exit_code=1`` on failure, so job 2 of a sweep never logs into
+job 1's run); ``group`` = the sweep's name, ``name`` = variant/res/seed, ``job_type`` = run | pretrain.
+
+What is sent is limited to numbers and plain settings: hyper-parameters are sanitised (any value that
+looks like a file-system path, and any key naming patients, is dropped), W&B's own collection of the
+command line, program path, git state, code and console is switched off, and images/tables are
+refused unless ``logger.wandb.log_media=true``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from lightning.pytorch.loggers import WandbLogger
+
+log = logging.getLogger(__name__)
+
+PRIVATE_KEY = re.compile(
+    r"patient|manifest|(^|_)(path|file|dir|root|image|mask|store)s?($|_)", re.I
+)
+PATH_LIKE = re.compile(r"(^[~/.]|[\\/]|\.(nii|gz|dcm|csv|parquet|ckpt|pt|npz|json)$)", re.I)
+
+# W&B settings that stop it from recording the command line, paths, code and console output.
+PRIVATE_SETTINGS: dict[str, Any] = {
+    "x_disable_meta": True,  # no argv, program path, host, git, etc. in the run metadata
+    "x_disable_machine_info": True,
+    "disable_code": True,
+    "disable_git": True,
+    "save_code": False,
+    "disable_job_creation": True,
+    "console": "off",
+}
+
+
+def sanitize(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flat dict of hyper-parameters safe to send: no path-like values, no patient/path keys."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if PRIVATE_KEY.search(str(key)):
+            continue
+        if isinstance(value, Mapping):
+            out.update(sanitize(value, prefix=f"{name}/"))
+        elif isinstance(value, (list, tuple)):
+            items = [v for v in value if not (isinstance(v, str) and PATH_LIKE.search(v))]
+            if all(isinstance(v, (int, float, bool, str)) or v is None for v in items):
+                out[name] = list(items)
+        elif isinstance(value, str):
+            if not PATH_LIKE.search(value):
+                out[name] = value
+        elif isinstance(value, (int, float, bool)) or value is None:
+            out[name] = value
+    return out
+
+
+class PrivateWandbLogger(WandbLogger):
+    """``WandbLogger`` that only ever sends sanitised numbers and settings (see the module docstring)."""
+
+    def __init__(self, *args: Any, log_media: bool = False, **kwargs: Any) -> None:
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        settings = dict(PRIVATE_SETTINGS)
+        user_settings = kwargs.pop("settings", None) or {}
+        settings.update(dict(user_settings))
+        import wandb
+
+        kwargs["settings"] = wandb.Settings(**settings)
+        kwargs.setdefault("log_model", False)
+        self.log_media = bool(log_media)
+        super().__init__(*args, **kwargs)
+
+    def log_hyperparams(self, params: Any) -> None:  # type: ignore[override]
+        if not isinstance(params, Mapping):
+            params = vars(params)
+        super().log_hyperparams(sanitize(params))
+
+    def _refuse_media(self, what: str) -> None:
+        if not self.log_media:
+            raise PermissionError(
+                f"refusing to send {what} to W&B: images and tables may hold patient data. "
+                "Set logger.wandb.log_media=true to allow it."
+            )
+
+    def log_image(self, *args: Any, **kwargs: Any) -> None:
+        self._refuse_media("images")
+        super().log_image(*args, **kwargs)
+
+    def log_table(self, *args: Any, **kwargs: Any) -> None:
+        self._refuse_media("tables")
+        super().log_table(*args, **kwargs)
+
+    def log_text(self, *args: Any, **kwargs: Any) -> None:
+        self._refuse_media("text tables")
+        super().log_text(*args, **kwargs)
+
+
+def finish_wandb(loggers: Any, failed: bool = False) -> None:
+    """End this job's W&B run (every ``PrivateWandbLogger``/``WandbLogger`` among ``loggers``)."""
+    if loggers is None:
+        return
+    if not isinstance(loggers, (list, tuple)):
+        loggers = [loggers]
+    for lg in loggers:
+        if isinstance(lg, WandbLogger) and getattr(lg, "_experiment", None) is not None:
+            lg._experiment.finish(exit_code=1 if failed else 0)
+            lg._experiment = None
