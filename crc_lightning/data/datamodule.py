@@ -1,0 +1,299 @@
+"""The classifier's LightningDataModule over a crop store.
+
+``setup()`` does, once per instance (all stages share it, so fit → test sees the same split):
+
+1. read the store index, keep labelled rows (every gene column present), drop ``exclude_patients``;
+2. class matrix via :meth:`LabelSet.encode`; patient-grouped stratified split (:mod:`.splits`);
+3. median balancing of the *training* rows (:mod:`.balance`), **once per setup**, drawn from the
+   seed — the paper balances "at the beginning of the training phase"; re-drawing per epoch would
+   make the epoch content depend on how many epochs ran, and a fixed set is easier to audit;
+4. pre-load every crop windowed (``window_width``/``window_level``) and resized to ``res``, as one
+   float32 tensor in [0, 1] (window → /255 → :func:`resize_square`). Crop stores are small (a few
+   thousand crops; 4 GB at res 512 for 4 000 crops), and the tensor is cached per process under
+   (store folder, index file stamp, res, window), so folds/seeds in one process reuse it.
+
+Batches are dicts ``{"image": [B,1,res,res] float32 in [0,1], "target": [B,C] float32,
+"index": [B] long}`` where ``index`` is the row of ``train_index`` / ``val_index`` / ``test_index``
+of that stage (to write ``predictions.csv``). After the transfer to the device,
+``on_after_batch_transfer`` applies :class:`ClassifierAugment` while the trainer is training, and
+only the deterministic :class:`Normalize` otherwise (validation, test, predict, sanity checks).
+
+Determinism: split and balancing are functions of ``seed``; the training loader shuffles with its
+own ``torch.Generator`` seeded by ``seed`` (advanced epoch by epoch); augmentation draws from torch's
+global RNG (seeded by ``lightning.seed_everything`` in the run app).
+
+Labels: ``labels`` is a :class:`LabelSet` or the ``conf/labels/<name>.yaml`` mapping (the Hydra
+config passes ``${labels}`` and it is turned into a LabelSet here).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from crc_lightning.data.augment import ClassifierAugment, Normalize
+from crc_lightning.data.balance import median_balance
+from crc_lightning.data.labels import LabelSet
+from crc_lightning.data.splits import Split, split_for
+from crc_lightning.data.store import CropStore, resize_square, window
+from crc_lightning.io.errors import InputError
+
+__all__ = ["CropDataModule", "clear_cache", "load_images"]
+
+log = logging.getLogger(__name__)
+
+_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_CACHE_SIZE = 2  # (store, res, window) entries kept; a run uses one
+
+
+def clear_cache() -> None:
+    """Forget the pre-loaded crop tensors (tests; or to free memory between runs)."""
+    _CACHE.clear()
+
+
+def _cache_key(store: CropStore, res: int, width: float, level: float) -> tuple:
+    index_file = store.path / "index.parquet"
+    stat = index_file.stat()
+    return (
+        str(store.path.resolve()),
+        stat.st_mtime_ns,
+        stat.st_size,
+        int(res),
+        float(width),
+        float(level),
+    )
+
+
+def load_images(
+    store: CropStore, res: int, width: float = 400.0, level: float = 40.0
+) -> torch.Tensor:
+    """Every crop of ``store`` (index order) → [N, 1, res, res] float32 in [0, 1]; cached.
+
+    Window first (HU → [0, 255]), then scale to [0, 1], then resize: the paper converts HU to
+    grey levels before any resampling, and anti-aliased resizing of the clipped image keeps
+    out-of-window HU from leaking into neighbouring pixels.
+    """
+    key = _cache_key(store, res, width, level)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    out = torch.empty((len(store.index), 1, int(res), int(res)), dtype=torch.float32)
+    for i, crop_id in enumerate(store.index["crop_id"].astype(str)):
+        grey = window(store.load(crop_id), width, level) / np.float32(255.0)
+        out[i, 0] = torch.from_numpy(resize_square(grey, int(res)))
+    out.clamp_(0.0, 1.0)  # bilinear upsampling may overshoot by rounding
+    _CACHE[key] = out
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return out
+
+
+class _CropDataset(Dataset):
+    """Rows ``sample`` of one stage (repeats allowed) over the shared pre-loaded image tensor."""
+
+    def __init__(
+        self, images: torch.Tensor, store_rows: np.ndarray, targets: np.ndarray, sample: np.ndarray
+    ) -> None:
+        self.images = images
+        self.store_rows = torch.as_tensor(np.asarray(store_rows, dtype=np.int64))
+        self.targets = torch.as_tensor(np.asarray(targets, dtype=np.float32))
+        self.sample = torch.as_tensor(np.asarray(sample, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.sample)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = self.sample[i]
+        return {
+            "image": self.images[self.store_rows[row]],
+            "target": self.targets[row],
+            "index": row,
+        }
+
+
+class CropDataModule(pl.LightningDataModule):
+    """Train/val/test loaders of a labelled crop store, split by patient (see module docstring).
+
+    ``split``: ``mode`` (holdout|kfold), ``test_size``, ``val_size``, ``n_splits``, ``fold``,
+    ``repeat`` (``conf/split/*.yaml``). ``augment``: :class:`ClassifierAugment` keys incl. the
+    normalisation ``mean``/``std``.
+    """
+
+    def __init__(
+        self,
+        store_dir: str | Path,
+        labels: LabelSet | Mapping[str, Any],
+        res: int,
+        window_width: float = 400.0,
+        window_level: float = 40.0,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        split: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        balance: bool = True,
+        augment: Mapping[str, Any] | None = None,
+        exclude_patients: Iterable[str] = (),
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.store_dir = Path(store_dir)
+        self.labels = labels if isinstance(labels, LabelSet) else LabelSet.from_config(labels)
+        self.res = int(res)
+        self.window_width, self.window_level = float(window_width), float(window_level)
+        if self.window_width <= 0:
+            raise ValueError(f"window_width must be > 0, got {window_width}")
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.split_cfg = dict(split) if split is not None else {"mode": "holdout"}
+        self.seed, self.balance = int(seed), bool(balance)
+        self.augment_cfg = dict(augment) if augment is not None else {}
+        self.exclude_patients = tuple(str(p) for p in exclude_patients)
+        self.pin_memory = bool(pin_memory)
+        self.augment = ClassifierAugment(self.res, self.augment_cfg)
+        self.normalize = Normalize.from_config(self.augment_cfg)
+        self.split: Split | None = None
+        self.train_index = self.val_index = self.test_index = pd.DataFrame()
+        self.train_sample = np.zeros(0, dtype=np.int64)
+        self._datasets: dict[str, _CropDataset] = {}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.labels.classes)
+
+    @property
+    def num_classes(self) -> int:
+        return self.labels.num_classes
+
+    # ------------------------------------------------------------------ setup
+    def _labelled_index(self, store: CropStore) -> tuple[pd.DataFrame, np.ndarray]:
+        """Store index rows with complete gene labels (column ``store_row`` added) + class matrix."""
+        index_file = store.path / "index.parquet"
+        genes = list(self.labels.genes)
+        missing = [g for g in (*genes, "patient_id", "crop_id") if g not in store.index.columns]
+        if missing:
+            raise InputError(
+                index_file,
+                f"crop index lacks columns {missing} needed by label set {self.labels.name!r}",
+            )
+        df = store.index.reset_index(drop=True).copy()
+        df.insert(0, "store_row", np.arange(len(df), dtype=np.int64))
+        labelled = df[genes].notna().all(axis=1)
+        if not labelled.any():
+            raise InputError(
+                store.path,
+                "the crop store has no gene labels (an unlabelled / OOD source?); the classifier "
+                "needs a labelled cohort, e.g. `data=synthetic` or `data=manifest`",
+            )
+        if (~labelled).any():
+            log.info("dropping %d unlabelled crops of %d", int((~labelled).sum()), len(df))
+        df = df[labelled]
+        if self.exclude_patients:
+            df = df[~df["patient_id"].astype(str).isin(self.exclude_patients)]
+            if df.empty:
+                raise InputError(store.path, "every labelled patient is in exclude_patients")
+        df = df.reset_index(drop=True)
+        df["patient_id"] = df["patient_id"].astype(str)
+        y = self.labels.encode(df[genes].astype(np.int64))
+        return df, y
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.split is not None:
+            return
+        store = CropStore(self.store_dir)
+        df, y = self._labelled_index(store)
+        patients = pd.DataFrame(y, columns=self.class_names)
+        patients.insert(0, "patient_id", df["patient_id"].to_numpy())
+        try:
+            split = split_for(self.split_cfg, patients, self.seed)
+        except ValueError as e:
+            raise InputError(store.path, f"cannot split its patients: {e}") from e
+
+        images = load_images(store, self.res, self.window_width, self.window_level)
+        side = split.side_of(df["patient_id"].to_numpy())
+        frames: dict[str, pd.DataFrame] = {}
+        for name in ("train", "val", "test"):
+            rows = np.flatnonzero(side == name)
+            frame = df.iloc[rows].reset_index(drop=True)
+            frames[name] = frame
+            targets = y[rows]
+            if name == "train" and self.balance:
+                rng = np.random.default_rng([self.seed, 0xBA1])
+                sample = median_balance(targets, rng)
+                self.train_sample = sample
+            else:
+                sample = np.arange(len(rows), dtype=np.int64)
+            self._datasets[name] = _CropDataset(
+                images, frame["store_row"].to_numpy(), targets, sample
+            )
+        if not self.balance:
+            self.train_sample = np.arange(len(frames["train"]), dtype=np.int64)
+        self.train_index, self.val_index, self.test_index = (
+            frames["train"],
+            frames["val"],
+            frames["test"],
+        )
+        self.split = split
+        log.info(
+            "split %s: %d/%d/%d patients, %d/%d/%d crops (train sampled to %d)",
+            split.mode,
+            len(split.train),
+            len(split.val),
+            len(split.test),
+            len(frames["train"]),
+            len(frames["val"]),
+            len(frames["test"]),
+            len(self.train_sample),
+        )
+
+    def split_summary(self) -> dict[str, Any]:
+        """The ``split`` block of ``metrics.json`` (counts only, no patient ids)."""
+        if self.split is None:
+            raise RuntimeError("call setup() first")
+        return self.split.summary()
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        if name not in self._datasets:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self._datasets[name],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    # ------------------------------------------------------------------ device transforms
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        training = trainer is not None and bool(trainer.training)
+        batch = dict(batch)
+        batch["image"] = (
+            self.augment(batch["image"]) if training else self.normalize(batch["image"])
+        )
+        return batch
