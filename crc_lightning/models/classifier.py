@@ -1,0 +1,285 @@
+"""The mutation classifier (Perlo et al. 2024, Sec. IV.C–V): EfficientNet-B0 → [SA] → dropout → FC.
+
+Multi-label: one sigmoid per class and ``BCEWithLogitsLoss``, because a lesion can carry several
+mutations. The four paper variants differ only in where the backbone starts (ImageNet or the SimCLR
+checkpoint of ``python -m crc_lightning.pretrain``) and whether the self-attention block (multi-head
+attention + ReLU over the spatial tokens) sits before the FC layer; see ``conf/variant/``.
+
+Optimizer and scheduler come from the config as partials (``_partial_: true``) so they are swapped
+without code. The checkpoint is self-describing: class names, label set, resolution, CT window,
+preprocessing parameters, variant and weight provenance are in its hyper-parameters, and
+:meth:`MutationClassifier.from_checkpoint` rebuilds the model from them without needing the
+ImageNet/SimCLR file that training started from.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+from torchmetrics.classification import MultilabelAUROC
+
+from crc_lightning.models.attention import make_pool
+from crc_lightning.models.backbone import (
+    WeightsInfo,
+    WeightsNotFoundError,
+    create_backbone,
+    feature_dim,
+    file_sha256,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MutationClassifier", "load_simclr_into"]
+
+DEFAULT_PRETRAIN_HINT = "python -m crc_lightning.pretrain res=<res>"
+
+
+def _plain(value: Any) -> Any:
+    """DictConfig/ListConfig → plain containers (checkpoints must load with ``weights_only``-safe data)."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _split_simclr_state(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(backbone, pool) parts of a SimCLR state dict: ``backbone.*`` / ``pool.*``, else all backbone."""
+    backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    pool = {k[len("pool.") :]: v for k, v in state.items() if k.startswith("pool.")}
+    if not backbone and not pool:
+        backbone = dict(state)
+    return backbone, pool
+
+
+def load_simclr_into(
+    backbone: nn.Module,
+    pool: nn.Module,
+    weights_file: str | Path | None,
+    res: int,
+    attention: bool,
+    pretrain_hint: str = DEFAULT_PRETRAIN_HINT,
+) -> WeightsInfo:
+    """Load the SimCLR checkpoint into ``backbone`` (and the SA ``pool``); never falls back silently.
+
+    A missing checkpoint, or a missing SimCLR module, raises :class:`WeightsNotFoundError` naming the
+    command that makes the checkpoint.
+    """
+    path = Path(weights_file).expanduser() if weights_file else None
+    if path is None or not path.is_file():
+        raise WeightsNotFoundError(
+            f"model.backbone.weights=simclr needs a SimCLR checkpoint, but "
+            f"model.backbone.weights_file={path} does not exist. Make it with `{pretrain_hint}`, "
+            f"or pass model.backbone.weights_file=/path/to/simclr.ckpt, or use variant=baseline."
+        )
+    try:
+        from crc_lightning.models.simclr import load_simclr_weights
+    except ImportError as err:
+        raise WeightsNotFoundError(
+            f"cannot read the SimCLR checkpoint {path}: crc_lightning.models.simclr is not "
+            f"available ({err}). SimCLR checkpoints are made by `{pretrain_hint}`."
+        ) from err
+    state = load_simclr_weights(path, res, attention)
+    bb_state, pool_state = _split_simclr_state(state)
+    backbone.load_state_dict(bb_state, strict=True)
+    if attention:
+        if pool_state:
+            pool.load_state_dict(pool_state, strict=True)
+        else:
+            log.warning(
+                "SimCLR checkpoint %s holds no attention block: SA starts random", path.name
+            )
+    return WeightsInfo("simclr", str(path), file_sha256(path))
+
+
+class MutationClassifier(L.LightningModule):
+    """Backbone → pool (global average, or spatial self-attention + ReLU) → dropout → FC (C logits).
+
+    ``backbone``: ``{name, weights: imagenet|simclr|none, weights_file, drop_path_rate, pretrain_hint}``.
+    ``meta``: facts about the data the model was trained on (res, label set, window, preprocessing
+    parameters, variant, ...), stored in the checkpoint for the predict app.
+    """
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        backbone: Mapping[str, Any] | None = None,
+        in_chans: int = 1,
+        attention: bool = False,
+        num_heads: int = 8,
+        attention_dropout: float = 0.0,
+        dropout: float = 0.2,
+        res: int = 64,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        scheduler_monitor: str = "val/loss",
+        meta: Mapping[str, Any] | None = None,
+        weights_info: Mapping[str, Any] | None = None,
+        init_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        bb = dict(_plain(backbone) or {})
+        bb.setdefault("name", "efficientnet_b0")
+        bb.setdefault("weights", "imagenet")
+        bb.setdefault("weights_file", None)
+        bb.setdefault("drop_path_rate", 0.0)
+        bb.setdefault("pretrain_hint", DEFAULT_PRETRAIN_HINT)
+        class_names = [str(c) for c in class_names]
+        if not class_names:
+            raise ValueError("class_names is empty")
+        self._optimizer_factory = optimizer
+        self._scheduler_factory = scheduler
+        self.scheduler_monitor = scheduler_monitor
+
+        weights = str(bb["weights"]) if init_weights else "none"
+        self.backbone, info = create_backbone(
+            name=str(bb["name"]),
+            in_chans=int(in_chans),
+            weights="none" if weights == "simclr" else weights,
+            weights_file=bb["weights_file"] if weights == "imagenet" else None,
+            drop_path_rate=float(bb["drop_path_rate"]),
+        )
+        dim = feature_dim(self.backbone)
+        self.pool = make_pool(dim, bool(attention), int(num_heads), float(attention_dropout))
+        if weights == "simclr":
+            info = load_simclr_into(
+                self.backbone,
+                self.pool,
+                bb["weights_file"],
+                int(res),
+                bool(attention),
+                str(bb["pretrain_hint"]),
+            )
+        self.dropout = nn.Dropout(float(dropout))
+        self.fc = nn.Linear(dim, len(class_names))
+        self.criterion = nn.BCEWithLogitsLoss()
+        n = len(class_names)
+        self.val_auc = MultilabelAUROC(num_labels=n, average="weighted")
+        self.test_auc = MultilabelAUROC(num_labels=n, average="weighted")
+        self.test_outputs: dict[str, torch.Tensor] = {}
+        self._test_buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+        provenance = dict(weights_info) if not init_weights and weights_info else info.as_dict()
+        self.save_hyperparameters(
+            {
+                "class_names": class_names,
+                "backbone": bb,
+                "in_chans": int(in_chans),
+                "attention": bool(attention),
+                "num_heads": int(num_heads),
+                "attention_dropout": float(attention_dropout),
+                "dropout": float(dropout),
+                "res": int(res),
+                "scheduler_monitor": scheduler_monitor,
+                "meta": _plain(dict(meta or {})),
+                "weights_info": provenance,
+            }
+        )
+
+    # ---- model -------------------------------------------------------------------------------
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.hparams["class_names"])
+
+    @property
+    def weights_info(self) -> dict[str, Any]:
+        return dict(self.hparams["weights_info"])
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in_chans, H, W]`` → pooled ``[B, C_feat]``."""
+        return self.pool(self.backbone.forward_features(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]``."""
+        return self.fc(self.dropout(self.features(x)))
+
+    def _step(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self(batch["image"])
+        loss = self.criterion(logits, batch["target"].to(logits.dtype))
+        return loss, logits
+
+    # ---- loops -------------------------------------------------------------------------------
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, logits = self._step(batch)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=logits.shape[0])
+        return loss
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        loss, logits = self._step(batch)
+        bs = logits.shape[0]
+        self.val_auc.update(torch.sigmoid(logits), batch["target"].long())
+        self.log("val/loss", loss, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        self.log("val/auc", self.val_auc, on_step=False, on_epoch=True, batch_size=bs)
+
+    def on_test_epoch_start(self) -> None:
+        self._test_buffer = []
+        self.test_outputs = {}
+
+    def test_step(
+        self, batch: Mapping[str, torch.Tensor], batch_idx: int
+    ) -> dict[str, torch.Tensor]:
+        loss, logits = self._step(batch)
+        prob = torch.sigmoid(logits)
+        bs = logits.shape[0]
+        self.test_auc.update(prob, batch["target"].long())
+        self.log("test/loss", loss, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        self.log("test/auc", self.test_auc, on_step=False, on_epoch=True, batch_size=bs)
+        out = {"index": batch["index"], "prob": prob, "target": batch["target"]}
+        self._test_buffer.append(tuple(t.detach() for t in out.values()))  # type: ignore[arg-type]
+        return out
+
+    def on_test_epoch_end(self) -> None:
+        """Collect this epoch's test probabilities (all ranks) into ``self.test_outputs``."""
+        if not self._test_buffer:
+            return
+        index, prob, target = (torch.cat(parts) for parts in zip(*self._test_buffer))
+        if self.trainer.world_size > 1:
+            index, prob, target = (self.all_gather(t).flatten(0, 1) for t in (index, prob, target))
+        self.test_outputs = {
+            "index": index.cpu(),
+            "prob": prob.float().cpu(),
+            "target": target.cpu(),
+        }
+        self._test_buffer = []
+
+    def predict_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        prob = torch.sigmoid(self(batch["image"]))
+        return {"index": batch.get("index"), "prob": prob}
+
+    # ---- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        if self._optimizer_factory is None:
+            raise ValueError("model.optimizer is not set (expected a `_partial_: true` optimizer)")
+        opt = self._optimizer_factory(params=self.parameters())
+        if self._scheduler_factory is None:
+            return opt
+        sched = self._scheduler_factory(optimizer=opt)
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {
+                "scheduler": sched,
+                "monitor": self.scheduler_monitor,
+                "interval": "epoch",
+            },
+        }
+
+    # ---- loading -----------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, map_location: str | torch.device = "cpu"
+    ) -> MutationClassifier:
+        """Rebuild a trained model from its checkpoint alone (no ImageNet/SimCLR file needed)."""
+        ckpt = torch.load(Path(path), map_location=map_location, weights_only=False)
+        hp = dict(ckpt["hyper_parameters"])
+        model = cls(**hp, init_weights=False)
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+        return model.eval()
