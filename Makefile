@@ -36,8 +36,13 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix crc_lightning tests benchmarks
 
 # The main job end-to-end on the built-in synthetic cohort (minutes on a laptop CPU).
+# No ImageNet weights are downloaded here, so the demo opts out explicitly (weights=none).
+DEMO_DIR ?= outputs/demo
+DEMO_RUN := res=32 labels=three trainer=cpu trainer.max_epochs=12 trainer.enable_progress_bar=false \
+	model.backbone.weights=none
 demo: $(STAMP)
-	$(PY) -m crc_lightning.preprocess
+	$(PY) -m crc_lightning.preprocess progress=false hydra.run.dir=$(DEMO_DIR)/preprocess
+	$(PY) -m crc_lightning.run variant=baseline seed=0 $(DEMO_RUN) hydra.run.dir=$(DEMO_DIR)/baseline
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache
