@@ -259,7 +259,6 @@ def test_training_learns_the_ras_signal(store, tmp_path) -> None:
     assert result["metrics"]["lesion"]["per_class"]["RAS"]["auc"] == pytest.approx(auc, abs=1e-6)
 
 
-@pytest.mark.slow
 def test_training_learns_on_the_synthetic_cohort(tmp_path) -> None:
     """The project's synthetic cohort through the real preprocessing (when available), res 32."""
     store = synthetic_store(tmp_path / "crops" / "synthetic", n_patients=32)

@@ -265,15 +265,19 @@ class CropDataModule(pl.LightningDataModule):
         if name not in self._datasets:
             raise RuntimeError("call setup() before asking for a dataloader")
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        dataset = self._datasets[name]
+        # A training batch of one sample breaks BatchNorm (EfficientNet's squeeze-excite sees 1×1
+        # maps): drop the ragged last training batch whenever there is more than one batch.
+        drop_last = name == "train" and len(dataset) > self.batch_size
         return DataLoader(
-            self._datasets[name],
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             generator=generator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
-            drop_last=False,
+            drop_last=drop_last,
         )
 
     def train_dataloader(self) -> DataLoader:
