@@ -132,6 +132,30 @@ def test_oodp_variants_need_the_simclr_checkpoint(store, tmp_path, variant, labe
     assert not (tmp_path / "job" / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("labels", ["five", "three"])
+@pytest.mark.parametrize("variant", ["oodp", "oodp_sa"])
+def test_fast_dev_run_oodp_variants_load_the_simclr_export(store, tmp_path, variant, labels) -> None:
+    """A SimCLR export (backbone + SA block for oodp_sa) is loaded strictly and recorded."""
+    from crc_lightning.models.simclr import SimCLRModule, export_simclr_weights
+
+    attention = variant == "oodp_sa"
+    torch.manual_seed(0)
+    ssl = SimCLRModule(attention=attention, hidden_dim=32, output_dim=8, res=32)
+    meta = {"res": 32, "attention": attention, "backbone": "efficientnet_b0", "in_chans": 1}
+    weights = export_simclr_weights(
+        ssl, tmp_path / "weights" / f"simclr_res32{'_sa' if attention else ''}.ckpt", meta
+    )
+    out = tmp_path / "job"
+    cfg = make_cfg(
+        store, out, f"variant={variant}", f"labels={labels}", "+trainer.fast_dev_run=true",
+        f"paths.weights_dir={tmp_path / 'weights'}", "seed=1", "datamodule.batch_size=64",
+    )  # fmt: skip
+    result = run(cfg)
+    check_contract(result, out, CLASSES[labels])
+    assert result["weights"]["init"] == "simclr"
+    assert result["weights"]["file"] == str(weights)
+
+
 def test_missing_imagenet_weights_raise_weights_not_found(store, tmp_path, monkeypatch) -> None:
     import huggingface_hub.constants
 

@@ -52,15 +52,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _split_simclr_state(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
-    """(backbone, pool) parts of a SimCLR state dict: ``backbone.*`` / ``pool.*``, else all backbone."""
-    backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
-    pool = {k[len("pool.") :]: v for k, v in state.items() if k.startswith("pool.")}
-    if not backbone and not pool:
-        backbone = dict(state)
-    return backbone, pool
-
-
 def load_simclr_into(
     backbone: nn.Module,
     pool: nn.Module,
@@ -88,8 +79,7 @@ def load_simclr_into(
             f"cannot read the SimCLR checkpoint {path}: crc_lightning.models.simclr is not "
             f"available ({err}). SimCLR checkpoints are made by `{pretrain_hint}`."
         ) from err
-    state = load_simclr_weights(path, res, attention)
-    bb_state, pool_state = _split_simclr_state(state)
+    bb_state, pool_state, _meta = load_simclr_weights(path, res, attention)
     backbone.load_state_dict(bb_state, strict=True)
     if attention:
         if pool_state:

@@ -1,0 +1,288 @@
+"""``python -m crc_lightning.pretrain``: SimCLR on OOD liver-CT crops → backbone weights for OODp.
+
+A thin Hydra shell over :func:`pretrain`, which tests call with a composed config. One job:
+
+1. seed everything; resolve the OOD stores (``ood=<name>`` / ``ood=[lits,ircadb]`` select
+   ``conf/ood/*.yaml``, whose ``sources`` merge; ``ood_stores=[folder, ...]`` adds any store). The
+   default ``ood=synthetic`` builds the synthetic OOD cohort once, from a seed other than the
+   target cohort's. Patients in ``data.exclude_patients`` and — when the target cohort is in the
+   pool — its test patients (``exclude_test_of``) are dropped;
+2. fit :class:`SimCLRModule` on :class:`SSLDataModule` for ``epochs`` epochs; a numbered checkpoint
+   every ``checkpoint_every_n_epochs`` and ``last.ckpt`` every epoch, in a folder that depends only
+   on the run's settings, so a killed job continues with ``ckpt_path=last``;
+3. export the backbone (+ attention) weights and metadata to ``weights_file`` (default
+   ``${paths.weights_dir}/simclr_res<res>[_sa].ckpt``), the file ``variant=oodp|oodp_sa`` loads.
+
+Nothing identifying leaves the machine: logs and ``pretrain.json`` hold counts and hashes only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from crc_lightning.cli import (
+    instantiate_loggers,
+    prepare_argv,
+    task_wrapper,
+    track_loggers,
+    write_json_atomic,
+)
+from crc_lightning.io.errors import InputError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "checkpoint_dir",
+    "ensure_synthetic_ood",
+    "ood_stores",
+    "pretrain",
+    "resolve_ckpt_path",
+    "weights_path",
+]
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def ood_stores(cfg: DictConfig) -> dict[str, Path]:
+    """``{name: folder}`` of the OOD pool: ``ood.sources`` + ``ood_stores``."""
+    from crc_lightning.data.ssl import resolve_ood_sources
+
+    stores = resolve_ood_sources(_plain(cfg.ood.get("sources")) or {}, allow_empty=True)
+    extra = list(cfg.get("ood_stores") or [])
+    if extra:
+        stores.update(resolve_ood_sources(extra, str(cfg.paths.data_dir)))
+    if not stores:
+        raise InputError(
+            None, "no OOD crop store: choose `ood=<name>` or give `ood_stores=[/path/to/store]`"
+        )
+    return stores
+
+
+def ensure_synthetic_ood(store: Path, spec: dict[str, Any]) -> None:
+    """Build a synthetic OOD crop store once, as ``python -m crc_lightning.preprocess data=synthetic
+    data.name=synthetic_ood data.synthetic.seed=7`` would (default preprocessing parameters)."""
+    if (store / "index.parquet").is_file() and (store / "store.json").is_file():
+        return
+    from crc_lightning.data.synthetic import ensure_synthetic_cohort
+    from crc_lightning.preprocessing.manifest import read_manifest
+    from crc_lightning.preprocessing.store import build_crop_store
+
+    log.info("building the synthetic OOD crop store once (seed %s)", spec.get("seed"))
+    csv = ensure_synthetic_cohort(
+        Path(str(spec["root"])),
+        int(spec.get("n_patients", 48)),
+        int(spec.get("seed", 7)),
+        float(spec.get("dicom_fraction", 0.0)),
+    )
+    cases = read_manifest(Path(csv), source=store.name)
+    build_crop_store(cases, store, {}, n_jobs=1, progress=False)
+
+
+def _run_key(cfg: DictConfig, stores: dict[str, Path]) -> str:
+    """Settings that make two launches the *same* run (so ``last.ckpt`` may be continued)."""
+    model = {k: v for k, v in _plain(cfg.model).items() if k not in ("res", "temperature")}
+    key = {
+        "res": int(cfg.res),
+        "seed": int(cfg.seed),
+        "batch_size": int(cfg.batch_size),
+        "temperature": float(cfg.temperature),
+        "stores": {k: str(v.resolve()) for k, v in sorted(stores.items())},
+        "data": _plain(cfg.data),
+        "exclude_test_of": _plain(cfg.exclude_test_of),
+        "model": model,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return f"res{int(cfg.res)}{'_sa' if cfg.model.attention else ''}_{digest[:10]}"
+
+
+def checkpoint_dir(cfg: DictConfig, stores: dict[str, Path]) -> Path:
+    """``checkpoint_dir``, or ``<log_dir>/<task_name>/checkpoints/<res…_settings hash>``."""
+    if cfg.get("checkpoint_dir"):
+        return Path(str(cfg.checkpoint_dir))
+    return Path(str(cfg.paths.log_dir)) / str(cfg.task_name) / "checkpoints" / _run_key(cfg, stores)
+
+
+def weights_path(cfg: DictConfig) -> Path:
+    from crc_lightning.models.simclr import simclr_weights_name
+
+    if cfg.get("weights_file"):
+        return Path(str(cfg.weights_file))
+    name = simclr_weights_name(int(cfg.res), bool(cfg.model.attention))
+    return Path(str(cfg.paths.weights_dir)) / name
+
+
+def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
+    """``null`` → fresh; ``last`` → ``<ckpt_dir>/last.ckpt`` if there (else fresh, logged); a file."""
+    if ckpt_path in (None, "", "null"):
+        return None
+    if str(ckpt_path) == "last":
+        last = ckpt_dir / "last.ckpt"
+        if last.is_file():
+            return str(last)
+        log.info("ckpt_path=last but no last.ckpt of these settings yet: starting at epoch 0")
+        return None
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_file():
+        raise InputError(path, "ckpt_path: no such checkpoint file (ckpt_path=last resumes)")
+    return str(path)
+
+
+def _exclusions(cfg: DictConfig, stores: dict[str, Path]) -> dict[str, list[str]]:
+    """``{store name: test patient ids}`` for the OOD store that is the target cohort, if any."""
+    target = cfg.exclude_test_of.get("store")
+    if not target:
+        return {}
+    from crc_lightning.data.ssl import target_test_patients
+
+    target = Path(str(target)).resolve()
+    names = [k for k, v in stores.items() if v.resolve() == target]
+    if not names:
+        log.info("exclude_test_of.store is not one of the OOD stores: nothing to exclude")
+        return {}
+    ids = target_test_patients(
+        target,
+        _plain(cfg.exclude_test_of.labels),
+        _plain(cfg.exclude_test_of.split),
+        [int(s) for s in cfg.exclude_test_of.seeds],
+    )
+    log.info("excluding %d test patient(s) of the target cohort from the OOD pool", len(ids))
+    return {n: ids for n in names}
+
+
+@task_wrapper
+def pretrain(cfg: DictConfig) -> dict[str, Any]:
+    """Run one SimCLR pretraining job; return its summary (also written as ``pretrain.json``).
+
+    The returned dict also carries the ``trainer`` (in-process callers, tests); the JSON does not.
+    """
+    import lightning.pytorch as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from crc_lightning import __version__
+    from crc_lightning.data.ssl import SSLDataModule
+    from crc_lightning.models.simclr import export_simclr_weights
+
+    L.seed_everything(int(cfg.seed), workers=True)
+    stores = ood_stores(cfg)
+    for name, spec in (_plain(cfg.ood.get("build_synthetic")) or {}).items():
+        if name in stores:
+            ensure_synthetic_ood(stores[name], spec)
+    datamodule = SSLDataModule(
+        stores,
+        res=int(cfg.res),
+        batch_size=int(cfg.batch_size),
+        num_workers=int(cfg.data.num_workers),
+        seed=int(cfg.seed),
+        exclude_patients=[str(p) for p in cfg.data.exclude_patients or []],
+        exclude_by_store=_exclusions(cfg, stores),
+        positives=str(cfg.data.positives),
+        max_slice_gap=int(cfg.data.max_slice_gap),
+        augment=_plain(cfg.data.augment),
+        mean=float(cfg.data.mean),
+        std=float(cfg.data.std),
+        hints=_plain(cfg.ood.get("hints")) or {},
+    )
+    datamodule.setup("fit")
+    model = hydra.utils.instantiate(cfg.model)
+
+    ckpt_dir = checkpoint_dir(cfg, stores)
+    numbered = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="epoch{epoch:04d}",
+        auto_insert_metric_name=False,
+        every_n_epochs=max(1, int(cfg.checkpoint_every_n_epochs)),
+        save_top_k=-1,
+        enable_version_counter=False,
+    )
+    # last.ckpt after EVERY epoch (Lightning's save_last only follows the numbered checkpoints),
+    # so a killed job loses at most one epoch
+    last = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="last",
+        every_n_epochs=1,
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    loggers = instantiate_loggers(cfg.get("logger"))
+    track_loggers(loggers)
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=[numbered, last], logger=loggers or False
+    )
+    resume = resolve_ckpt_path(cfg.get("ckpt_path"), ckpt_dir)
+    public = {
+        "res": int(cfg.res),
+        "seed": int(cfg.seed),
+        "epochs": int(cfg.epochs),
+        "batch_size": int(cfg.batch_size),
+        "temperature": float(cfg.temperature),
+        "attention": bool(cfg.model.attention),
+        "positives": str(cfg.data.positives),
+        "ood": sorted(stores),
+    }
+    for lg in loggers:
+        lg.log_hyperparams(public)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+
+    attention = bool(cfg.model.attention)
+    weights_file = weights_path(cfg)
+    meta = {
+        "res": int(cfg.res),
+        "attention": attention,
+        "backbone": str(cfg.model.backbone.name),
+        "in_chans": int(cfg.model.in_chans),
+        "num_heads": int(cfg.model.num_heads),
+        "epochs": int(trainer.current_epoch),
+        "max_epochs": int(cfg.epochs),
+        "global_step": int(trainer.global_step),
+        "seed": int(cfg.seed),
+        "batch_size": int(cfg.batch_size),
+        "temperature": float(cfg.temperature),
+        "init": model.weights_info.as_dict(),
+        "ood": datamodule.summary(),
+        "window": {"width": 400.0, "level": 40.0},
+        "normalize": {"mean": float(cfg.data.mean), "std": float(cfg.data.std)},
+        "version": str(__version__),
+        "final_loss": model.epoch_losses[-1] if model.epoch_losses else None,
+    }
+    result: dict[str, Any] = {
+        **public,
+        "weights_file": str(weights_file) if cfg.export else None,
+        "checkpoint_dir": str(ckpt_dir),
+        "resumed_from": resume,
+        "epoch_losses": [float(x) for x in model.epoch_losses],
+        "meta": meta,
+    }
+    if trainer.is_global_zero:
+        if cfg.export:
+            export_simclr_weights(model, weights_file, meta)
+            log.info("SimCLR weights written to %s", weights_file)
+        out = OmegaConf.select(cfg, "paths.output_dir", throw_on_resolution_failure=False)
+        if out:
+            write_json_atomic(Path(str(out)) / "pretrain.json", result)
+    result["trainer"] = trainer
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")
+def _hydra_main(cfg: DictConfig) -> None:
+    result = pretrain(cfg)
+    print(f"SimCLR weights: {result['weights_file']} (final loss {result['meta']['final_loss']})")
+
+
+def main() -> None:
+    """Entry point: expands ``key=a..b`` sweep ranges, then hands over to Hydra."""
+    prepare_argv()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
