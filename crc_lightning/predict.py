@@ -521,8 +521,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         predict(cfg)
-    except (CheckpointError, InputError, ValueError) as err:
-        log.error("%s", err)
+    except (CheckpointError, InputError, ValueError) as err:  # a clear message, no traceback
         raise SystemExit(f"predict: {err}") from None
 
 

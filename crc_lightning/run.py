@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from crc_lightning import __version__
 from crc_lightning.cli import (
     get_metric_value,
     instantiate_callbacks,
@@ -149,7 +150,7 @@ def _best_checkpoint(trainer: Any) -> tuple[str | None, int]:
     cb = getattr(trainer, "checkpoint_callback", None)
     path = getattr(cb, "best_model_path", "") if cb is not None else ""
     if path and Path(path).is_file():
-        epoch = int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
+        epoch = int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
         return path, epoch
     return None, max(int(trainer.current_epoch) - 1, 0)
 
@@ -201,6 +202,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "preprocess": facts["params"],
         "data": {"name": str(cfg.data.name), "store_hash": facts["hash"]},
         "seed": int(cfg.seed),
+        "package_version": __version__,
     }
     model = instantiate(cfg.model, meta=meta)
     if list(model.class_names) != classes:

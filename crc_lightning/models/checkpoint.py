@@ -81,6 +81,15 @@ def _is_safetensors(path: Path) -> bool:
     return 0 < n <= size - 8 and head[8:9] == b"{"
 
 
+def _unsafe_reason(err: Exception) -> str:
+    """The line of PyTorch's weights-only refusal that names the offending global (its other lines
+    advise loading with ``weights_only=False``, which is exactly what must not be done here)."""
+    for line in str(err).splitlines():
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line.strip()[:200]
+    return "weights-only loading rejected it"
+
+
 def _torch_load_safe(path: Path) -> Any:
     """``torch.load(weights_only=True)``; any refusal becomes a :class:`CheckpointError`."""
     try:
@@ -89,10 +98,9 @@ def _torch_load_safe(path: Path) -> Any:
         raise CheckpointError(
             path,
             "refused: the file holds Python objects other than tensors and plain values, which "
-            "could run code when loaded (weights-only loading rejected it: "
-            f"{str(err).splitlines()[0][:200]}). Only checkpoints written by "
-            "`python -m crc_lightning.run` or crc_lightning.models.checkpoint.export_model are "
-            "accepted.",
+            f"could run code when loaded ({_unsafe_reason(err)}). It was not loaded. Only "
+            "checkpoints written by `python -m crc_lightning.run` or by "
+            "crc_lightning.models.checkpoint.export_model are accepted.",
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise CheckpointError(

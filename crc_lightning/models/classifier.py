@@ -268,7 +268,7 @@ class MutationClassifier(L.LightningModule):
         cls, path: str | Path, map_location: str | torch.device = "cpu"
     ) -> MutationClassifier:
         """Rebuild a trained model from its checkpoint alone (no ImageNet/SimCLR file needed)."""
-        ckpt = torch.load(Path(path), map_location=map_location, weights_only=False)
+        ckpt = torch.load(Path(path), map_location=map_location, weights_only=True)
         hp = dict(ckpt["hyper_parameters"])
         model = cls(**hp, init_weights=False)
         model.load_state_dict(ckpt["state_dict"], strict=True)
