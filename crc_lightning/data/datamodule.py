@@ -267,8 +267,11 @@ class CropDataModule(pl.LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         dataset = self._datasets[name]
         # A training batch of one sample breaks BatchNorm (EfficientNet's squeeze-excite sees 1×1
-        # maps): drop the ragged last training batch whenever there is more than one batch.
-        drop_last = name == "train" and len(dataset) > self.batch_size
+        # maps): drop the ragged last training batch only when it would hold a single sample, so
+        # small training sets keep every sample otherwise.
+        drop_last = (
+            name == "train" and len(dataset) > self.batch_size and len(dataset) % self.batch_size == 1
+        )
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
