@@ -8,6 +8,11 @@
 * :func:`instantiate_callbacks` / :func:`instantiate_loggers` — config groups → objects.
 * :class:`SweepReportCallback` — Hydra callback: at the end of a ``-m`` sweep, builds the report
   over the sweep's jobs if ``crc_lightning.evaluation.report.report_from_jobs`` exists.
+* :class:`SweepSelectionCallback` — Hydra callback: at the end of a ``-m`` sweep (a grid search),
+  writes ``selection.json`` / ``selection.md``: the best job by its *validation* metric
+  (``optimized_metric``), its overrides, and its test metrics beside it (reported, never used).
+* :func:`is_multirun` / :func:`job_summary_line` — in ``-m`` sweeps the progress bars are off and
+  each finished job prints one line instead (bars of consecutive or parallel jobs interleave).
 """
 
 from __future__ import annotations
@@ -31,10 +36,13 @@ log = logging.getLogger(__name__)
 __all__ = [
     "RangeOutsideSweepError",
     "SweepReportCallback",
+    "SweepSelectionCallback",
     "expand_ranges",
     "get_metric_value",
     "instantiate_callbacks",
     "instantiate_loggers",
+    "is_multirun",
+    "job_summary_line",
     "prepare_argv",
     "task_wrapper",
     "track_loggers",
@@ -129,6 +137,41 @@ def task_wrapper(func: F) -> F:
     return wrapped  # type: ignore[return-value]
 
 
+# ------------------------------------------------------------------------------ sweep jobs
+def is_multirun() -> bool:
+    """True inside a job of a Hydra ``-m`` sweep (False in single runs and outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _job_label() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return "job"
+    job = HydraConfig.get().job
+    return f"job {job.get('num', '?')}"
+
+
+def job_summary_line(result: Mapping[str, Any], seconds: float, note: str = "") -> str:
+    """One line for a finished sweep job: its settings, validation and test AUCs, duration."""
+
+    def fmt(x: Any) -> str:
+        return "-" if x is None else f"{float(x):.3f}"
+
+    val = result.get("val", {}) or {}
+    levels = result.get("metrics", {}) or {}
+    tests = " ".join(f"{k}={fmt(v.get('auc'))}" for k, v in levels.items())
+    head = " ".join(f"{k}={result[k]}" for k in ("variant", "res", "seed", "labels") if k in result)
+    extra = f" {note}" if note else ""
+    return (
+        f"[{_job_label()}] {head}: val auc={fmt(val.get('auc'))} loss={fmt(val.get('loss'))} | "
+        f"test auc {tests or '-'} | {seconds:.0f} s{extra}"
+    )
+
+
 # ------------------------------------------------------------------------------ instantiation
 def _instantiate_group(cfg: DictConfig | Mapping | None, what: str) -> list[Any]:
     import hydra
@@ -214,3 +257,113 @@ class SweepReportCallback(HydraCallback):
             log.info("sweep report: %s", sweep_dir / "report")
         except Exception:
             log.exception("sweep report failed (job results are in %s)", sweep_dir)
+
+
+# ------------------------------------------------------------------------------ model selection
+def _job_overrides(job_dir: Path) -> list[str]:
+    """The job's own overrides (``.hydra/overrides.yaml``), or [] when Hydra did not save them."""
+    from omegaconf import OmegaConf
+
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    return [str(o) for o in OmegaConf.load(path)]
+
+
+def select_best_job(
+    job_dirs: Sequence[Path], metric: str, mode: str = "max"
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The best job by ``metric`` (a *validation* key of metrics.json, e.g. ``val/auc``).
+
+    Returns (best row, all rows sorted best first). Jobs without the metric (None: e.g. a
+    validation set with one class) rank last; ties go to the lower job folder name.
+    """
+    if mode not in ("max", "min"):
+        raise ValueError(f"optimized_mode must be max or min, got {mode!r}")
+    if not str(metric).replace(".", "/").startswith("val/"):
+        raise ValueError(
+            f"optimized_metric={metric!r}: model selection must use a validation metric (val/…), "
+            "never the test set"
+        )
+    rows = []
+    for job in job_dirs:
+        result = json.loads((job / "metrics.json").read_text())
+        rows.append(
+            {
+                "job": job.name,
+                "overrides": _job_overrides(job),
+                "value": get_metric_value(result, metric),
+                "val": result.get("val"),
+                "test": {
+                    level: {k: v.get(k) for k in ("auc", "f1_macro", "hamming", "n")}
+                    for level, v in (result.get("metrics") or {}).items()
+                },
+            }
+        )
+    if not rows:
+        raise ValueError("no finished job (metrics.json) to select from")
+    sign = -1.0 if mode == "max" else 1.0
+    ranked = sorted(
+        rows,
+        key=lambda r: (r["value"] is None, sign * (r["value"] or 0.0), r["job"]),
+    )
+    return ranked[0], ranked
+
+
+def _selection_markdown(best: Mapping[str, Any], ranked: Sequence[Mapping[str, Any]], metric: str,
+                        mode: str) -> str:  # fmt: skip
+    def fmt(x: Any) -> str:
+        return "–" if x is None else f"{float(x):.4f}"
+
+    lines = [
+        "# Model selection",
+        "",
+        f"Selected by **{metric}** ({mode}) on the inner validation split; test metrics are shown "
+        "for reporting only and played no part in the choice.",
+        "",
+        f"**Chosen:** `{best['job']}`  ",
+        f"**Overrides:** `{' '.join(best['overrides']) or '(none)'}`",
+        "",
+        f"| rank | job | {metric} | test AUC (image) | test AUC (lesion) | test AUC (patient) |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for i, r in enumerate(ranked, 1):
+        t = r["test"]
+        lines.append(
+            f"| {i} | `{r['job']}` | {fmt(r['value'])} | "
+            + " | ".join(
+                fmt(t.get(level, {}).get("auc")) for level in ("image", "lesion", "patient")
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+class SweepSelectionCallback(HydraCallback):
+    """At the end of a ``-m`` sweep, write ``selection.json`` + ``selection.md`` into the sweep dir:
+    the job with the best ``optimized_metric`` (validation), its overrides and test metrics.
+
+    A failure is logged, never raised: the jobs' own results are already on disk.
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        metric = config.get("optimized_metric")
+        if not metric:
+            return
+        mode = str(config.get("optimized_mode", "max"))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = sweep_job_dirs(sweep_dir)
+        if not jobs:
+            log.warning("sweep %s: no job wrote metrics.json; no selection", sweep_dir)
+            return
+        try:
+            best, ranked = select_best_job(jobs, str(metric), mode)
+            doc = {"metric": str(metric), "mode": mode, "best": best, "jobs": ranked}
+            write_json_atomic(sweep_dir / "selection.json", doc)
+            (sweep_dir / "selection.md").write_text(
+                _selection_markdown(best, ranked, str(metric), mode)
+            )
+            log.info("selected %s (%s=%s): %s", best["job"], metric, best["value"],
+                     sweep_dir / "selection.json")  # fmt: skip
+        except Exception:
+            log.exception("model selection failed (job results are in %s)", sweep_dir)

@@ -63,6 +63,18 @@ def check_lightning_version(version: str = lightning.__version__) -> None:
     )
 
 
+def quote_override_value(value: str) -> str:
+    """``value`` quoted for Hydra's override grammar: job folders hold ``=`` and ``,``
+    (``hydra.job.override_dirname``), which an unquoted override cannot carry."""
+    if "${" in value:
+        raise ValueError(f"cannot pass {value!r} to a DDP child rank: it holds '${{'")
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"cannot pass {value!r} to a DDP child rank: it holds both quote characters")
+
+
 def hydra_job_child_command(local_rank: int) -> tuple[list[str], str] | None:
     """The command that starts rank ``local_rank`` of the *current Hydra job*, or None outside Hydra.
 
@@ -84,11 +96,35 @@ def hydra_job_child_command(local_rank: int) -> tuple[list[str], str] | None:
         command = [sys.executable, "-m", spec.name]
     command += list(hc.overrides.task)
     command += [
-        f"hydra.run.dir={hc.runtime.output_dir}",
+        f"hydra.run.dir={quote_override_value(hc.runtime.output_dir)}",
         "hydra.output_subdir=null",
         f"hydra.job.name={hc.job.name}_rank{local_rank}",
     ]
     return command, hc.runtime.cwd
+
+
+class UnsupportedLauncherError(RuntimeError):
+    """DDP was asked for under a Hydra launcher whose workers cannot start extra ranks."""
+
+
+def check_hydra_launcher() -> None:
+    """Refuse DDP under Hydra's joblib launcher: its loky workers cannot re-launch the app, and the
+    jobs fail in confusing ways (measured). One device per job works there; DDP sweeps use the
+    basic launcher or SLURM."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+    except ImportError:  # pragma: no cover
+        return
+    if not HydraConfig.initialized():
+        return
+    target = str(HydraConfig.get().launcher.get("_target_", ""))
+    if "joblib" in target.lower():
+        raise UnsupportedLauncherError(
+            "trainer=ddp / ddp_sim cannot run under hydra/launcher=joblib (or parallel): joblib's "
+            "worker processes cannot start the other DDP ranks. Use one device per job with joblib "
+            "(trainer=cpu or trainer=gpu), or drop hydra/launcher for DDP sweeps (jobs run one "
+            "after another, each on all its devices), or use hydra/launcher=slurm on a cluster."
+        )
 
 
 class HydraJobLauncher(_SubprocessScriptLauncher):
@@ -122,9 +158,12 @@ class HydraJobDDPStrategy(DDPStrategy):
 
     def __init__(self, *args, **kwargs) -> None:
         check_lightning_version()
+        check_hydra_launcher()
         super().__init__(*args, **kwargs)
 
     def _configure_launcher(self) -> None:
+        # Under SLURM (or torchrun) the cluster environment ``creates_processes_externally``, and
+        # ``_SubprocessScriptLauncher.launch`` then starts no child: every rank is a SLURM task.
         assert self.cluster_environment is not None
         if self._start_method != "popen":
             super()._configure_launcher()

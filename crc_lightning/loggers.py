@@ -16,6 +16,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger
@@ -60,10 +61,56 @@ def sanitize(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def sweep_group() -> str | None:
+    """The W&B group of a job: the sweep folder's name in a ``-m`` sweep, None in a single run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:  # pragma: no cover
+        return None
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return Path(str(hc.sweep.dir)).name or None
+
+
+def flat_numbers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """``{"image": {"auc": .6, "per_class": {"RAS": {"f1": .7}}}}`` → ``{"image/auc": .6,
+    "image/per_class/RAS/f1": .7}``; only finite numbers are kept (None / NaN are left out)."""
+    out: dict[str, float] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flat_numbers(value, prefix=f"{name}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value == value and abs(value) != float("inf"):
+                out[name] = float(value)
+    return out
+
+
+def log_final_metrics(loggers: Any, metrics: Mapping[str, Any], prefix: str = "final/") -> None:
+    """Put a job's final (test) metrics into each W&B run's summary (call on global rank 0).
+
+    Only numbers travel: the metrics tree of metrics.json holds class names and counts, no ids.
+    """
+    if not isinstance(loggers, (list, tuple)):
+        loggers = [loggers]
+    flat = flat_numbers(metrics, prefix=prefix)
+    for lg in loggers:
+        if isinstance(lg, WandbLogger) and flat:
+            lg.experiment.summary.update(flat)
+
+
 class PrivateWandbLogger(WandbLogger):
     """``WandbLogger`` that only ever sends sanitised numbers and settings (see the module docstring)."""
 
     def __init__(self, *args: Any, log_media: bool = False, **kwargs: Any) -> None:
+        if kwargs.get("group") is None:
+            kwargs["group"] = sweep_group()
+        if kwargs.get("save_dir"):
+            Path(kwargs["save_dir"]).mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
         settings = dict(PRIVATE_SETTINGS)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from crc_lightning.cli import (
     get_metric_value,
     instantiate_callbacks,
     instantiate_loggers,
+    is_multirun,
+    job_summary_line,
     prepare_argv,
     task_wrapper,
     track_loggers,
@@ -175,14 +178,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
 
     from crc_lightning.evaluation.aggregate import evaluate_levels
+    from crc_lightning.loggers import log_final_metrics
 
     torch.set_flush_denormal(True)
+    started = time.monotonic()
+    multirun = is_multirun()  # sweeps: no progress bars, one summary line per finished job
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.json"
     if bool(cfg.get("resume", True)) and metrics_path.is_file():
         log.info("resume: %s exists, job skipped", metrics_path)
-        return json.loads(metrics_path.read_text())
+        stored = json.loads(metrics_path.read_text())
+        if multirun:
+            print(job_summary_line(stored, time.monotonic() - started, "(resumed)"), flush=True)
+        return stored
 
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule = instantiate(cfg.datamodule)
@@ -211,7 +220,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     track_loggers(loggers)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    progress = {"enable_progress_bar": False} if multirun else {}
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **progress)
     for lg in loggers:
         lg.log_hyperparams(_public_hparams(cfg))
 
@@ -250,7 +260,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         result["metrics"] = evaluate_levels(preds, classes)
         _write_csv_atomic(preds, out_dir / "predictions.csv")
         write_json_atomic(metrics_path, result)
-        if bool(cfg.get("print_metrics", True)):
+        log_final_metrics(loggers, result["metrics"], prefix="final/test/")
+        if multirun:
+            print(job_summary_line(result, time.monotonic() - started), flush=True)
+        elif bool(cfg.get("print_metrics", True)):
             print(format_metrics(result))
     return result
 
