@@ -6,7 +6,7 @@ patient (``GroupShuffleSplit``), test AUC. Two encoders, same architecture: the 
 EfficientNet-B0 (``--pretrain-epochs`` on the synthetic OOD store, a different seed than the
 target cohort) vs random init. Both stores are built once under ``--root``.
 
-    .venv/bin/python benchmarks/linear_probe.py [--root /tmp/crc_probe] [--res 32] [--pretrain-epochs 40]
+    .venv/bin/python benchmarks/linear_probe.py [--root /tmp/crc_probe] [--res 32] [--pretrain-epochs 40] [--repeats 20]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
+from scipy import stats
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupShuffleSplit
@@ -40,15 +41,18 @@ def features(backbone: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-def probe_auc(x: np.ndarray, y: np.ndarray, groups: np.ndarray, repeats: int = 5) -> float:
+def probe_aucs(x: np.ndarray, y: np.ndarray, groups: np.ndarray, repeats: int) -> np.ndarray:
+    """Test AUC on each of ``repeats`` patient-grouped 70/30 splits (the same splits for every
+    encoder: ``random_state=0``), NaN where a test side holds one class only."""
     aucs = []
     for tr, te in GroupShuffleSplit(repeats, test_size=0.3, random_state=0).split(x, y, groups):
         if len(set(y[te])) < 2:
+            aucs.append(np.nan)
             continue
         clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
         clf.fit(x[tr], y[tr])
         aucs.append(roc_auc_score(y[te], clf.predict_proba(x[te])[:, 1]))
-    return float(np.mean(aucs))
+    return np.asarray(aucs)
 
 
 def main() -> None:
@@ -57,6 +61,7 @@ def main() -> None:
     ap.add_argument("--res", type=int, default=32)
     ap.add_argument("--pretrain-epochs", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=20, help="patient-grouped probe splits")
     a = ap.parse_args()
     root = Path(a.root)
     target = root / "data" / "crops" / "synthetic"
@@ -95,11 +100,17 @@ def main() -> None:
         f"OOD pretraining: {meta['epochs']} epochs, {meta['ood']['n_crops']} crops, "
         f"final loss {meta['final_loss']:.3f}"
     )
+    a_pre = probe_aucs(features(pre, images), y, groups, a.repeats)
+    a_rnd = probe_aucs(features(rnd, images), y, groups, a.repeats)
+    ok = ~(np.isnan(a_pre) | np.isnan(a_rnd))
+    diff = a_pre[ok] - a_rnd[ok]
+    half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+    print(f"linear probe RAS-vs-rest test AUC over {ok.sum()} patient-grouped 70/30 splits:")
+    print(f"  SimCLR-pretrained: {a_pre[ok].mean():.3f} ± {a_pre[ok].std(ddof=1):.3f} (sd)")
+    print(f"  random init:       {a_rnd[ok].mean():.3f} ± {a_rnd[ok].std(ddof=1):.3f} (sd)")
     print(
-        f"linear probe RAS-vs-rest AUC, SimCLR-pretrained: {probe_auc(features(pre, images), y, groups):.3f}"
-    )
-    print(
-        f"linear probe RAS-vs-rest AUC, random init:       {probe_auc(features(rnd, images), y, groups):.3f}"
+        f"  paired difference: {diff.mean():+.3f}, 95 % CI [{diff.mean() - half:+.3f}, "
+        f"{diff.mean() + half:+.3f}]; pretrained better on {(diff > 0).sum()}/{len(diff)} splits"
     )
 
 

@@ -4,7 +4,14 @@
   inclusive (Hydra's own ``range(a,b)`` excludes ``b``, which is not what people type); each app's
   ``main()`` rewrites ``sys.argv`` before Hydra parses it. In a single run a range is an error.
 * :func:`task_wrapper` — logs the exception of a failed job (so one failure in a sweep is visible
-  in that job's log) and always closes the job's loggers (W&B run finished, CSV flushed).
+  in that job's log) and always closes the job's loggers (W&B run finished, CSV flushed); routes
+  Lightning's log records through Hydra's handlers only (:func:`route_lightning_logs`), so each line
+  is printed once and lands in the job's ``<job name>.log``.
+* :func:`short_dirname` — the ``${crc_dirname:…}`` resolver of ``hydra.sweep.subdir``: job folder
+  names bounded to 150 bytes (long override lists made names the file system refuses).
+* :func:`quiet_shadowed_plugin_configs` — ``conf/hydra/launcher/{submitit_slurm,joblib}.yaml``
+  shadow the launcher plugins' configs of the same name; Hydra's deprecation warning about that is
+  silenced for these two files only (at import of this module, so joblib/SLURM workers too).
 * :func:`instantiate_callbacks` / :func:`instantiate_loggers` — config groups → objects.
 * :class:`SweepReportCallback` — Hydra callback: at the end of a ``-m`` sweep, builds the report
   over the sweep's jobs if ``crc_lightning.evaluation.report.report_from_jobs`` exists.
@@ -18,12 +25,14 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
 import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +44,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "RangeOutsideSweepError",
+    "RegisterResolvers",
     "SweepReportCallback",
     "SweepSelectionCallback",
     "expand_ranges",
@@ -42,8 +52,13 @@ __all__ = [
     "instantiate_callbacks",
     "instantiate_loggers",
     "is_multirun",
+    "job_label",
     "job_summary_line",
     "prepare_argv",
+    "quiet_shadowed_plugin_configs",
+    "register_resolvers",
+    "route_lightning_logs",
+    "short_dirname",
     "task_wrapper",
     "track_loggers",
     "write_json_atomic",
@@ -88,7 +103,95 @@ def expand_ranges(argv: Sequence[str]) -> list[str]:
 
 def prepare_argv() -> None:
     """Apply :func:`expand_ranges` to ``sys.argv`` (call in each app's ``main()`` before Hydra)."""
+    quiet_shadowed_plugin_configs()
     sys.argv = [sys.argv[0], *expand_ranges(sys.argv[1:])]
+
+
+# ------------------------------------------------------------------------------ launcher configs
+# conf/hydra/launcher/<name>.yaml files that shadow a plugin's ConfigStore entry of the same name
+SHADOWED_PLUGIN_CONFIGS = ("hydra/launcher/submitit_slurm", "hydra/launcher/joblib")
+
+
+def quiet_shadowed_plugin_configs() -> None:
+    """Silence Hydra 1.3's "validated against ConfigStore schema with the same name … deprecated"
+    warning for :data:`SHADOWED_PLUGIN_CONFIGS` only.
+
+    Why the warning is noise here: the project's YAML comes first in Hydra's search path, so
+    ``hydra/launcher=submitit_slurm`` selects it; it lists every key of the plugin's dataclass
+    (a test checks that), so it works the same once Hydra drops the schema matching.
+    """
+    for name in SHADOWED_PLUGIN_CONFIGS:
+        warnings.filterwarnings(
+            "ignore",
+            message=rf"\s*'{re.escape(name)}' is validated against ConfigStore schema",
+            category=UserWarning,
+        )
+
+
+quiet_shadowed_plugin_configs()  # also in joblib / submitit workers, which import this module
+
+
+# ------------------------------------------------------------------------------ job folder names
+DIRNAME_RESOLVER = "crc_dirname"
+MAX_DIRNAME_BYTES = 150
+
+
+def short_dirname(name: str, limit: int = MAX_DIRNAME_BYTES) -> str:
+    """``name`` if it fits in ``limit`` bytes, else its head + ``~`` + 8 hex digits of its sha256.
+
+    Why: a sweep job's folder is named after its overrides (``hydra.job.override_dirname``), and
+    file systems refuse names over 255 bytes — reached by a few overrides with Optuna's 17-digit
+    floats. Deterministic, so a re-run of the same job finds its folder (``resume=true``).
+    """
+    raw = str(name).encode()
+    if len(raw) <= limit:
+        return str(name)
+    digest = hashlib.sha256(raw).hexdigest()[:8]
+    return raw[: limit - 9].decode(errors="ignore") + "~" + digest
+
+
+def register_resolvers() -> None:
+    """``${crc_dirname:…}`` (:func:`short_dirname`) for ``hydra.sweep.subdir``."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver(DIRNAME_RESOLVER):
+        OmegaConf.register_new_resolver(DIRNAME_RESOLVER, short_dirname)
+
+
+register_resolvers()
+
+
+class RegisterResolvers(HydraCallback):
+    """Listed in conf/hydra/default.yaml so that every app — and every joblib or SLURM worker,
+    which unpickles the callbacks — has imported this module, and so :func:`register_resolvers`,
+    before Hydra names a job folder. Does nothing else."""
+
+
+# ------------------------------------------------------------------------------ console logging
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
+
+
+def route_lightning_logs() -> None:
+    """Let Lightning's log records reach the console once, through the root logger's handlers.
+
+    Why: ``import lightning`` gives the ``lightning`` logger its own console handler *and* lets it
+    propagate to the root logger, to which Hydra gave a console and a file handler: every Lightning
+    line was printed twice. (Had ``lightning.pytorch`` been imported before Hydra set up logging,
+    it would instead have its own handler and no propagation, and its lines would miss the job's
+    log file.) Lightning's own ``StreamHandler``s are removed and propagation is switched on. Does
+    nothing while the root logger has no handler (plain Python, no Hydra): Lightning's handlers
+    are then the only console output.
+    """
+    if not logging.getLogger().handlers:
+        return
+    import lightning.pytorch  # noqa: F401  (importing it installs the handlers removed below)
+
+    for name in LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:  # Lightning's; not file handlers
+                logger.removeHandler(handler)
+        logger.propagate = True
 
 
 # ------------------------------------------------------------------------------ task wrapper
@@ -122,6 +225,7 @@ def task_wrapper(func: F) -> F:
 
     @functools.wraps(func)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
+        route_lightning_logs()
         _OPEN_LOGGERS.append([])
         failed = True
         try:
@@ -146,7 +250,8 @@ def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _job_label() -> str:
+def job_label() -> str:
+    """``job <n>`` inside a Hydra job (its number in the sweep), else ``job``."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
@@ -167,7 +272,7 @@ def job_summary_line(result: Mapping[str, Any], seconds: float, note: str = "") 
     head = " ".join(f"{k}={result[k]}" for k in ("variant", "res", "seed", "labels") if k in result)
     extra = f" {note}" if note else ""
     return (
-        f"[{_job_label()}] {head}: val auc={fmt(val.get('auc'))} loss={fmt(val.get('loss'))} | "
+        f"[{job_label()}] {head}: val auc={fmt(val.get('auc'))} loss={fmt(val.get('loss'))} | "
         f"test auc {tests or '-'} | {seconds:.0f} s{extra}"
     )
 

@@ -120,10 +120,11 @@ def check_hydra_launcher() -> None:
     target = str(HydraConfig.get().launcher.get("_target_", ""))
     if "joblib" in target.lower():
         raise UnsupportedLauncherError(
-            "trainer=ddp / ddp_sim cannot run under hydra/launcher=joblib (or parallel): joblib's "
-            "worker processes cannot start the other DDP ranks. Use one device per job with joblib "
+            "trainer=ddp / ddp_sim cannot run under hydra/launcher=joblib: joblib's worker "
+            "processes cannot start the other DDP ranks. Use one device per job with joblib "
             "(trainer=cpu or trainer=gpu), or drop hydra/launcher for DDP sweeps (jobs run one "
-            "after another, each on all its devices), or use hydra/launcher=slurm on a cluster."
+            "after another, each on all its devices), or use hydra/launcher=submitit_slurm on a "
+            "cluster."
         )
 
 

@@ -13,6 +13,11 @@ A thin Hydra shell over :func:`pretrain`, which tests call with a composed confi
 3. export the backbone (+ attention) weights and metadata to ``weights_file`` (default
    ``${paths.weights_dir}/simclr_res<res>[_sa].ckpt``), the file ``variant=oodp|oodp_sa`` loads.
 
+``trainer=ddp|ddp_sim`` runs one job on 2 devices (crc_lightning.distributed), in single runs and
+``-m`` sweeps: NT-Xent then gathers the negatives of every rank. In a sweep the progress bar is off
+and each job prints one line; :class:`DistinctWeightsCallback` refuses a sweep whose jobs would all
+export to the same ``weights_file`` (e.g. ``-m seed=0,1``) before its first job starts.
+
 Nothing identifying leaves the machine: logs and ``pretrain.json`` hold counts and hashes only.
 """
 
@@ -21,14 +26,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
 from crc_lightning.cli import (
     instantiate_loggers,
+    is_multirun,
+    job_label,
     prepare_argv,
     task_wrapper,
     track_loggers,
@@ -39,11 +50,15 @@ from crc_lightning.io.errors import InputError
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DistinctWeightsCallback",
+    "WeightsClashError",
     "checkpoint_dir",
     "ensure_synthetic_ood",
     "ood_stores",
     "pretrain",
     "resolve_ckpt_path",
+    "swept_keys",
+    "weights_clash",
     "weights_path",
 ]
 
@@ -136,6 +151,91 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
     return str(path)
 
 
+# ------------------------------------------------------------------------------ sweeps
+class WeightsClashError(SystemExit):
+    """A ``-m`` sweep whose jobs would all export their weights to one file (the last one wins).
+
+    A ``SystemExit``: Hydra turns exceptions of callbacks into warnings, and this must stop the
+    sweep before its first job trains.
+    """
+
+
+# the keys the default weights file name depends on: simclr_res<res>[_sa].ckpt in paths.weights_dir
+DEFAULT_NAME_KEYS = frozenset({"res", "model.attention", "paths.weights_dir", "paths.root_dir"})
+_INTERPOLATION = re.compile(r"\$\{([^}]+)\}")
+
+
+def _unresolved(config: DictConfig, key: str) -> Any:
+    """The value at dotted ``key`` as written, ``${…}`` kept (None if absent)."""
+    node: Any = OmegaConf.to_container(config, resolve=False)
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def swept_keys(config: DictConfig) -> list[str]:
+    """Keys a ``-m`` sweep varies: sweep overrides of the command line (``seed=0,1``,
+    ``res=range(32,65,32)``) and of ``hydra.sweeper.params`` (the basic sweeper's or Optuna's)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    lines = [str(o) for o in _unresolved(config, "hydra.overrides.task") or []]
+    lines += [f"{k}={v}" for k, v in (_unresolved(config, "hydra.sweeper.params") or {}).items()]
+    keys = []
+    for override in OverridesParser.create().parse_overrides(lines):
+        if override.is_sweep_override():
+            key = override.get_key_element().lstrip("+~")
+            if key not in keys:
+                keys.append(key)
+    return keys
+
+
+def weights_clash(config: DictConfig) -> list[str]:
+    """The swept keys that ``weights_file`` does not depend on ([] = every job its own file).
+
+    ``weights_file: null`` names the file by res and attention only; a given ``weights_file``
+    depends on the keys it interpolates (``${seed}``), and is per job when it interpolates
+    ``paths.output_dir`` or ``hydra:…``. ``hydra.*`` keys and ``export=false`` never clash.
+    """
+    if not bool(config.get("export", True)):
+        return []
+    raw = _unresolved(config, "weights_file")
+    if raw in (None, "", "null"):
+        names = set(DEFAULT_NAME_KEYS)
+    else:
+        refs = {r.strip() for r in _INTERPOLATION.findall(str(raw))}
+        if any(r == "paths.output_dir" or r.startswith("hydra:") for r in refs):
+            return []
+        names = refs | {"weights_file"}
+        if "paths.weights_dir" in refs:
+            names.add("paths.root_dir")
+    swept = swept_keys(config)
+    return [k for k in swept if k not in names and k != "hydra" and not k.startswith("hydra")]
+
+
+class DistinctWeightsCallback(HydraCallback):
+    """Refuse a ``pretrain -m`` sweep whose jobs would overwrite each other's exported weights."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        clash = weights_clash(config)
+        if not clash:
+            return
+        raw = _unresolved(config, "weights_file")
+        where = raw or "${paths.weights_dir}/simclr_res<res>[_sa].ckpt (weights_file=null)"
+        if any(OmegaConf.is_config(OmegaConf.select(config, k, default=None)) for k in clash):
+            example = "one pretrain command per value, each with its own weights_file=…"
+        else:  # plain values (seed, temperature, …) can name the file
+            suffix = "_".join(f"{k.split('.')[-1]}${{{k}}}" for k in clash)
+            example = f"'weights_file=${{paths.weights_dir}}/simclr_res${{res}}_{suffix}.ckpt'"
+        raise WeightsClashError(
+            f"pretrain -m: every job of this sweep would export its weights to {where}, so each "
+            f"job would overwrite the previous one's: the sweep varies {', '.join(clash)}, which "
+            f"the file name does not depend on. Give each job its own file, e.g. {example} "
+            "(quoted in the shell), or pass export=false."
+        )
+
+
 def _exclusions(cfg: DictConfig, stores: dict[str, Path]) -> dict[str, list[str]]:
     """``{store name: test patient ids}`` for the OOD store that is the target cohort, if any."""
     target = cfg.exclude_test_of.get("store")
@@ -171,6 +271,8 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     from crc_lightning.data.ssl import SSLDataModule
     from crc_lightning.models.simclr import export_simclr_weights
 
+    started = time.monotonic()
+    multirun = is_multirun()  # sweeps: no progress bar, one line per finished job
     L.seed_everything(int(cfg.seed), workers=True)
     stores = ood_stores(cfg)
     for name, spec in (_plain(cfg.ood.get("build_synthetic")) or {}).items():
@@ -214,8 +316,9 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     )
     loggers = instantiate_loggers(cfg.get("logger"))
     track_loggers(loggers)
+    progress = {"enable_progress_bar": False} if multirun else {}
     trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=[numbered, last], logger=loggers or False
+        cfg.trainer, callbacks=[numbered, last], logger=loggers or False, **progress
     )
     resume = resolve_ckpt_path(cfg.get("ckpt_path"), ckpt_dir)
     public = {
@@ -230,7 +333,13 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     }
     for lg in loggers:
         lg.log_hyperparams(public)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+    finally:
+        if trainer.world_size > 1:
+            from crc_lightning.distributed import finish_job
+
+            finish_job(trainer)  # the next job of a sweep starts without a stale process group
 
     attention = bool(cfg.model.attention)
     weights_file = weights_path(cfg)
@@ -260,6 +369,11 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         "resumed_from": resume,
         "epoch_losses": [float(x) for x in model.epoch_losses],
         "meta": meta,
+        # world_size > 1: NT-Xent drew its negatives from every rank's batch
+        "distributed": {
+            "world_size": int(trainer.world_size),
+            "gather_distributed": bool(getattr(model.criterion, "gather_distributed", False)),
+        },
     }
     if trainer.is_global_zero:
         if cfg.export:
@@ -268,14 +382,34 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         out = OmegaConf.select(cfg, "paths.output_dir", throw_on_resolution_failure=False)
         if out:
             write_json_atomic(Path(str(out)) / "pretrain.json", result)
+        if multirun:
+            print(_job_line(result, time.monotonic() - started), flush=True)
     result["trainer"] = trainer
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")
+def _job_line(result: Mapping[str, Any], seconds: float) -> str:
+    """One line for a finished sweep job (no progress bars in sweeps)."""
+    loss = result["meta"].get("final_loss")
+    return (
+        f"[{job_label()}] res={result['res']} seed={result['seed']} "
+        f"attention={str(result['attention']).lower()}: final loss "
+        f"{'-' if loss is None else f'{float(loss):.4f}'} | weights {result['weights_file']} | "
+        f"{seconds:.0f} s"
+    )
+
+
+# absolute: the task function below is also reached as crc_lightning.pretrain._hydra_main (see the
+# end of this file), and Hydra reads a relative config_path of an imported module as a package
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pretrain")
 def _hydra_main(cfg: DictConfig) -> None:
     result = pretrain(cfg)
-    print(f"SimCLR weights: {result['weights_file']} (final loss {result['meta']['final_loss']})")
+    if result["trainer"].is_global_zero and not is_multirun():
+        final = result["meta"]["final_loss"]
+        print(f"SimCLR weights: {result['weights_file']} (final loss {final})")
 
 
 def main() -> None:
@@ -285,4 +419,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable module's copy: launchers that pickle the task function (joblib, submitit)
+    # then send it by reference. cloudpickle copies a __main__ function by value, and fails on
+    # torch internals ("cannot pickle '_Classes' object").
+    from crc_lightning.pretrain import main as _main
+
+    _main()

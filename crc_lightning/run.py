@@ -275,7 +275,12 @@ def _finite(x: Any) -> float | None:
     return x if np.isfinite(x) else None
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="run")
+# absolute: the task function is also reached as crc_lightning.run._hydra_main (see the end of this
+# file), and Hydra reads a relative config_path of an imported module as a package
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="run")
 def _hydra_main(cfg: DictConfig) -> float | None:
     result = run(cfg)
     return get_metric_value(result, cfg.get("optimized_metric"))
@@ -288,4 +293,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable module's copy so launchers that pickle the task function (joblib,
+    # submitit) send it by reference; cloudpickle copies a __main__ function by value and fails on
+    # torch internals ("cannot pickle '_Classes' object").
+    from crc_lightning.run import main as _main
+
+    _main()

@@ -96,15 +96,11 @@ def write_fake_store(
 
 
 def synthetic_store(store_dir: str | Path, n_patients: int = 24, seed: int = 2024) -> Path:
-    """The project's synthetic cohort through the real preprocessing, if those parts exist yet;
-    otherwise the fake store above (same layout, same kind of RAS signal)."""
-    try:
-        from crc_lightning.data.synthetic import ensure_synthetic_cohort
+    """The project's synthetic cohort (NIfTI only) through the real preprocessing."""
+    from crc_lightning.data.synthetic import ensure_synthetic_cohort
+    from crc_lightning.preprocessing.manifest import read_manifest
+    from crc_lightning.preprocessing.store import build_crop_store
 
-        from crc_lightning.preprocessing.manifest import read_manifest
-        from crc_lightning.preprocessing.store import build_crop_store
-    except ImportError:
-        return write_fake_store(store_dir, n_patients=n_patients, seed=seed)
     store = Path(store_dir)
     csv = ensure_synthetic_cohort(store.parent / "raw", n_patients, seed, 0.0)
     cases = read_manifest(Path(csv), genes=GENES, source="synthetic")

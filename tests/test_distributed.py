@@ -1,18 +1,26 @@
-"""DDP inside Hydra sweeps (``trainer=ddp|ddp_sim``), launchers, and grid-search selection.
+"""DDP inside Hydra sweeps (``trainer=ddp|ddp_sim``), launchers, sweepers and grid-search selection.
 
-The end-to-end test runs ``python -m crc_lightning.run -m seed=0,1 trainer=ddp_sim`` (2 CPU processes,
-gloo) as a user types it and checks what Lightning's own DDP launcher gets wrong under ``-m``: each
-job runs once with both ranks, everything lands in that job's folder, nothing anywhere else (the
-working directory stays empty, there is exactly one sweep folder), and the next job starts clean.
-Oracle for the numbers: the job's best checkpoint evaluated again on one device in this process must
-give the same predictions and test metrics as the 2-process run (the distributed gather with its
-sampler padding must count every test crop exactly once).
+The end-to-end tests run ``python -m crc_lightning.run -m seed=0,1 trainer=ddp_sim`` and
+``python -m crc_lightning.pretrain -m seed=0,1 trainer=ddp_sim`` (2 CPU processes, gloo) as a user
+types them and check what Lightning's own DDP launcher gets wrong under ``-m``: each job runs once
+with both ranks, everything lands in that job's folder, nothing anywhere else (the working directory
+stays empty, there is exactly one sweep folder), and the next job starts clean.
+
+How the 2-process numbers relate to 1-device ones. Oracle: each job's best checkpoint is evaluated
+again on ONE device in this process, and its test predictions must equal those of the 2-process run
+(atol 1e-5), crop for crop — the distributed gather, with the sampler's padding, counts every test
+crop exactly once, so evaluation is identical. Training is not: each rank takes its own
+``datamodule.batch_size`` crops, so one optimiser step sees an effective batch of
+2 × batch_size (and gradients averaged over it); the trained weights, and hence the metrics, differ
+from a 1-device run with the same seed. To match the paper's batch of 16 on 2 GPUs, halve the
+per-device batch size. (Pretraining likewise: NT-Xent gathers the negatives of both ranks.)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -142,8 +150,8 @@ def test_slurm_environment_spawns_no_rank(monkeypatch) -> None:
 
 
 def test_ddp_is_refused_under_joblib_with_a_clear_error() -> None:
-    cfg = compose_run("trainer=ddp_sim", "hydra/launcher=parallel", hydra_config=True)
-    assert cfg.hydra.launcher.n_jobs == 2
+    cfg = compose_run("trainer=ddp_sim", "hydra/launcher=joblib", hydra_config=True)
+    assert cfg.hydra.launcher.n_jobs == 2  # the project's joblib.yaml, not the plugin's -1
     HydraConfig.instance().set_config(cfg)
     try:
         with pytest.raises(UnsupportedLauncherError, match="one device per job"):
@@ -166,7 +174,7 @@ def test_trainer_configs() -> None:
 def test_slurm_launcher_asks_one_task_per_gpu(tmp_path) -> None:
     from hydra.utils import instantiate
 
-    cfg = compose_run("trainer=ddp", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+    cfg = compose_run("trainer=ddp", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
                       hydra_config=True)  # fmt: skip
     cfg.hydra.sweep.dir = str(tmp_path)
     HydraConfig.instance().set_config(cfg)
@@ -177,6 +185,60 @@ def test_slurm_launcher_asks_one_task_per_gpu(tmp_path) -> None:
     assert type(launcher).__name__ == "SlurmLauncher"
     assert launcher.params["tasks_per_node"] == launcher.params["gpus_per_node"] == 2
     assert launcher.params["nodes"] == 1 and launcher.params["partition"] == "gpu"
+
+
+@pytest.mark.parametrize(
+    ("name", "module", "dataclass"),
+    [
+        ("submitit_slurm", "hydra_plugins.hydra_submitit_launcher.config", "SlurmQueueConf"),
+        ("joblib", "hydra_plugins.hydra_joblib_launcher.config", "JobLibLauncherConf"),
+    ],
+)
+def test_launcher_yaml_shadows_the_plugin_with_every_key(name, module, dataclass) -> None:
+    """conf/hydra/launcher/<name>.yaml replaces the plugin's config of that name, so it must hold
+    every field of the installed plugin's dataclass (a plugin upgrade that adds one fails here)."""
+    import dataclasses
+    import importlib
+    import warnings
+
+    from omegaconf import OmegaConf
+
+    from crc_lightning.cli import quiet_shadowed_plugin_configs
+
+    schema = getattr(importlib.import_module(module), dataclass)
+    ours = OmegaConf.load(ROOT / "conf" / "hydra" / "launcher" / f"{name}.yaml")
+    fields = {f.name for f in dataclasses.fields(schema)}
+    assert fields - set(ours) == set(), f"{name}.yaml lacks plugin keys"
+    assert set(ours) - fields == set(), f"{name}.yaml has keys the plugin does not know"
+    assert ours._target_ == schema._target_
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_shadowed_plugin_configs()  # what each app's main() does
+        cfg = compose_run(f"hydra/launcher={name}", hydra_config=True)
+        warnings.warn(
+            "'hydra/launcher/other' is validated against ConfigStore schema", stacklevel=1
+        )
+    assert cfg.hydra.launcher._target_ == schema._target_
+    schema_warnings = [str(w.message) for w in caught if "ConfigStore schema" in str(w.message)]
+    assert schema_warnings == ["'hydra/launcher/other' is validated against ConfigStore schema"]
+
+
+def test_job_folder_names_stay_short_and_distinct() -> None:
+    """Sweep job folders are named after the job's overrides; file systems refuse names over 255
+    bytes, which Optuna's 17-digit floats reach (found by the Optuna sweep test)."""
+    from omegaconf import OmegaConf
+
+    from crc_lightning.cli import short_dirname
+
+    long = ",".join(f"model.optimizer.lr={0.1 / 3**i!r}" for i in range(12))
+    assert len(long) > 255 and len(short_dirname(long).encode()) == 150
+    assert short_dirname(long) == short_dirname(long) != short_dirname(long + "1")
+    assert short_dirname(long).startswith(long[:100])
+    assert short_dirname("res=32,seed=0") == "res=32,seed=0"
+    assert short_dirname("é" * 100).encode().decode() == short_dirname("é" * 100)  # valid UTF-8
+    cfg = compose_run(hydra_config=True)
+    cfg.hydra.job.num, cfg.hydra.job.override_dirname = 3, long
+    assert OmegaConf.select(cfg, "hydra.sweep.subdir") == f"3_{short_dirname(long)}"
 
 
 # ----------------------------------------------------------------------------- grid search
@@ -219,6 +281,18 @@ def test_selection_uses_validation_never_test(tmp_path) -> None:
 
 
 # ----------------------------------------------------------------------------- end to end
+FIT_DONE = "`Trainer.fit` stopped: `max_epochs=1` reached."  # a Lightning log line, rank 0 only
+
+
+def assert_logged_once(proc: subprocess.CompletedProcess, jobs: list[Path], log_name: str) -> None:
+    """Each job's Lightning log line is on the console once (not again through Lightning's own
+    handler) and in that job's log file once."""
+    console = proc.stdout + proc.stderr
+    assert console.count(FIT_DONE) == len(jobs), console[-3000:]
+    for job in jobs:
+        assert (job / log_name).read_text().count(FIT_DONE) == 1, job.name
+
+
 def _single_device_eval(store: Path, job: Path, seed: int) -> tuple[pd.DataFrame, dict]:
     """The job's best checkpoint tested again on one CPU device, in this process."""
     from crc_lightning.models.classifier import MutationClassifier
@@ -280,34 +354,268 @@ def test_ddp_sim_sweep_runs_each_job_once_in_its_own_folder(store, tmp_path) -> 
     summary = [line for line in proc.stdout.splitlines() if line.startswith("[job ")]
     assert len(summary) == 2, proc.stdout[-2000:]  # one line per finished job, no progress bars
     assert "━" not in proc.stdout and "it/s" not in proc.stderr
+    assert_logged_once(proc, jobs, "run.log")
     selection = json.loads((sweep / "selection.json").read_text())
     vals = {j.name: json.loads((j / "metrics.json").read_text())["val"]["auc"] for j in jobs}
     assert selection["best"]["job"] == min(vals, key=lambda k: (-vals[k], k))
 
 
 def test_pretrain_ddp_sim_sweep(store, tmp_path) -> None:
-    try:
-        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-            compose("pretrain", overrides=["trainer=ddp_sim"])
-    except Exception as err:  # any composition failure means "not wired yet"
-        pytest.skip(
-            "pretrain has no `trainer` config group yet (conf/pretrain.yaml defines trainer inline), "
-            f"so `pretrain trainer=ddp_sim` cannot compose: {type(err).__name__}"
-        )
+    """``pretrain -m seed=0,1 trainer=ddp_sim``: one sweep folder, two job folders with their
+    pretrain.json, NT-Xent over both ranks, and one weights file per job (the command names it by
+    seed; with the default name the sweep is refused, see test_pretrain_sweep_…_is_refused)."""
+    from crc_lightning.models.simclr import load_simclr_weights
+
     cwd = tmp_path / "cwd"
     cwd.mkdir()
+    root, weights = tmp_path / "root", tmp_path / "root" / "w"
     cmd = [
         sys.executable, "-m", "crc_lightning.pretrain", "-m", "seed=0,1", "trainer=ddp_sim",
         "ood=none", f"ood_stores=[{store}]", "res=32", "epochs=1", "batch_size=4",
-        f"paths.root_dir={tmp_path / 'root'}", f"paths.weights_dir={tmp_path / 'root' / 'w'}",
-        "model.hidden_dim=16", "model.output_dim=8", "trainer.limit_train_batches=2",
+        f"paths.root_dir={root}", f"paths.weights_dir={weights}",
+        "weights_file=${paths.weights_dir}/simclr_res${res}_seed${seed}.ckpt",
+        "model.backbone.name=test_efficientnet", "model.hidden_dim=16", "model.output_dim=8",
+        "trainer.limit_train_batches=2",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert tree(cwd) == []
-    sweeps = list((tmp_path / "root" / "outputs" / "pretrain" / "multiruns").iterdir())
-    assert len(sweeps) == 1
+    (sweep,) = (root / "outputs" / "pretrain" / "multiruns").iterdir()
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [j.name.split("_")[0] for j in jobs] == ["0", "1"]
+    assert sorted(p.parent for p in sweep.rglob("pretrain.json")) == jobs
+    results = [json.loads((j / "pretrain.json").read_text()) for j in jobs]
+    for seed, (job, result) in enumerate(zip(jobs, results)):
+        assert result["seed"] == seed
+        assert {"pretrain.json", "pretrain.log", "pretrain_rank1.log", "csv", ".hydra"} == {
+            p.name for p in job.iterdir()
+        }
+        assert result["distributed"] == {"world_size": 2, "gather_distributed": True}
+        assert result["weights_file"] == str(weights / f"simclr_res32_seed{seed}.ckpt")
+        _, _, meta = load_simclr_weights(result["weights_file"], 32, False, "test_efficientnet")
+        assert meta["seed"] == seed  # each job's own file: nothing overwritten
+    # Outside the sweep folder: only the weights named on the command line and the resumable
+    # Lightning checkpoints of each job, in their settings-keyed folder (pretrain.json names it).
+    ckpt_dirs = sorted(Path(r["checkpoint_dir"]) for r in results)
+    assert len(set(ckpt_dirs)) == 2 and all(d.parent == root / "outputs" / "pretrain" / "checkpoints"
+                                            for d in ckpt_dirs)  # fmt: skip
+    outside = {t for t in tree(root) if not t.startswith(str(sweep.relative_to(root)))}
+    ckpts = {str(d.relative_to(root)) for d in ckpt_dirs}
+    assert outside == {
+        "outputs", "outputs/pretrain", "outputs/pretrain/multiruns", "outputs/pretrain/checkpoints",
+        *ckpts, *(f"{c}/last.ckpt" for c in ckpts),
+        "w", "w/simclr_res32_seed0.ckpt", "w/simclr_res32_seed1.ckpt",
+    }  # fmt: skip
     assert not [p for p in tmp_path.rglob("lightning_logs")]
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("[job ")]
+    assert len(summary) == 2 and "━" not in proc.stdout, proc.stdout[-2000:]
+    assert_logged_once(proc, jobs, "pretrain.log")
+
+
+def _pretrain_sweep_cfg(*task: str, params=None):
+    """The config a ``pretrain -m <task>`` sweep hands to its callbacks: composed with the plain
+    overrides (Hydra leaves the sweep overrides out in multirun mode), all of them in
+    ``hydra.overrides.task``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(task))
+    plain = [t for t, o in zip(task, parsed) if not o.is_sweep_override()]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("pretrain", overrides=plain, return_hydra_config=True)
+    cfg.hydra.overrides.task = list(task)
+    if params is not None:
+        cfg.hydra.sweeper.params = params
+    return cfg
+
+
+def test_pretrain_sweep_that_would_overwrite_weights_is_refused(tmp_path) -> None:
+    from crc_lightning.pretrain import DistinctWeightsCallback, WeightsClashError, weights_clash
+
+    per_seed = "${paths.weights_dir}/simclr_res${res}_seed${seed}.ckpt"
+    assert weights_clash(_pretrain_sweep_cfg("seed=0,1")) == ["seed"]
+    assert weights_clash(_pretrain_sweep_cfg("seed=range(0,3)", "ood=lits,crlm")) == ["seed", "ood"]
+    assert weights_clash(_pretrain_sweep_cfg(params={"seed": "0,1"})) == ["seed"]  # sweeper params
+    # README "Reproducing the paper": one file per res × attention, the list is no sweep
+    paper = _pretrain_sweep_cfg("res=32,64,128", "model.attention=false,true", "ood=[lits,ircadb]")
+    assert weights_clash(paper) == []
+    assert weights_clash(_pretrain_sweep_cfg("seed=0,1", f"weights_file={per_seed}")) == []
+    assert weights_clash(_pretrain_sweep_cfg("seed=0,1", "export=false")) == []
+    job_dir = "${paths.output_dir}/simclr.ckpt"
+    assert weights_clash(_pretrain_sweep_cfg("seed=0,1", f"weights_file={job_dir}")) == []
+    fixed = _pretrain_sweep_cfg("res=32,64", "weights_file=/w/simclr.ckpt")
+    assert weights_clash(fixed) == ["res"]
+    with pytest.raises(WeightsClashError, match=r"varies seed.*weights_file=\$\{paths.weights_dir\}"
+                       r"/simclr_res\$\{res\}_seed\$\{seed\}\.ckpt"):  # fmt: skip
+        DistinctWeightsCallback().on_multirun_start(_pretrain_sweep_cfg("seed=0,1"))
+    with pytest.raises(WeightsClashError, match=r"varies ood.*one pretrain command per value"):
+        DistinctWeightsCallback().on_multirun_start(_pretrain_sweep_cfg("ood=lits,crlm"))
+    # as typed: refused before any job (or folder) is made — Hydra turns a callback's ordinary
+    # exception into a warning, so this must be a SystemExit
+    cmd = [sys.executable, "-m", "crc_lightning.pretrain", "-m", "seed=0,1",
+           f"paths.root_dir={tmp_path / 'root'}"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=60)
+    assert proc.returncode == 1 and "overwrite" in proc.stderr, proc.stderr[-2000:]
+    assert tree(tmp_path) == []
+
+
+def test_pretrain_takes_the_trainer_group_with_its_own_settings() -> None:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        for name in ("default", "gpu", "ddp", "ddp_sim"):
+            cfg = compose("pretrain", overrides=[f"trainer={name}", "epochs=7"])
+            t = cfg.trainer
+            assert (t.max_epochs, t.limit_val_batches, t.enable_model_summary) == (7, 0, False)
+        assert cfg.trainer.devices == 2 and cfg.trainer.strategy.process_group_backend == "gloo"
+        cli = compose("pretrain", overrides=["trainer=ddp_sim", "trainer.limit_val_batches=2"])
+        assert cli.trainer.limit_val_batches == 2  # the command line still wins
+
+
+# ----------------------------------------------------------------------------- optuna
+def _optuna_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
+
+
+needs_optuna = pytest.mark.skipif(
+    not _optuna_available(),
+    reason="hydra-optuna-sweeper not installed (pip install -e '.[optuna]')",
+)
+
+
+@needs_optuna
+def test_optuna_sweeper_configs_compose() -> None:
+    cfg = compose_run("hydra/sweeper=optuna_search", hydra_config=True).hydra.sweeper
+    assert cfg._target_.endswith("OptunaSweeper") and cfg.direction == "maximize"
+    assert set(cfg.params) == {"model.optimizer.lr", "model.optimizer.weight_decay",
+                               "datamodule.batch_size"}  # fmt: skip
+    grid = compose_run("hydra/sweeper=optuna", "experiment=grid_search",
+                       "hydra.sweeper.direction=maximize", hydra_config=True).hydra.sweeper  # fmt: skip
+    assert grid.params["datamodule.batch_size"] == "16,32" and grid.direction == "maximize"
+
+
+@needs_optuna
+def test_optuna_sweep_optimizes_the_validation_metric(store, tmp_path) -> None:
+    """Two Optuna trials: each job returns val/auc, Optuna's best is the best job's val/auc, and the
+    project's selection.json agrees."""
+    import yaml
+
+    proc = run_sweep(tmp_path, store, "hydra/sweeper=optuna_search", "hydra.sweeper.n_trials=2",
+                     "trainer=cpu", "logger=none")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (sweep,) = (tmp_path / "root" / "outputs" / "run" / "multiruns").iterdir()
+    jobs = sorted(p.parent for p in sweep.rglob("metrics.json"))
+    assert len(jobs) == 2
+    vals = [json.loads((j / "metrics.json").read_text())["val"]["auc"] for j in jobs]
+    lrs = []
+    for job in jobs:
+        over = dict(
+            o.split("=", 1) for o in yaml.safe_load((job / ".hydra/overrides.yaml").read_text())
+        )
+        assert over["datamodule.batch_size"] == "4"  # the command line fixes it: not searched
+        lrs.append(float(over["model.optimizer.lr"]))
+        assert 5e-5 <= float(over["model.optimizer.weight_decay"]) <= 5e-4
+    assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and lrs[0] != lrs[1]
+    optuna_result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert optuna_result["best_value"] == pytest.approx(max(vals))
+    assert set(optuna_result["best_params"]) == {
+        "model.optimizer.lr",
+        "model.optimizer.weight_decay",
+    }
+    selection = json.loads((sweep / "selection.json").read_text())
+    assert selection["best"]["value"] == pytest.approx(max(vals))
+
+
+# ----------------------------------------------------------------------------- README
+def readme_commands() -> list[str]:
+    """The ``python -m crc_lightning.…`` commands of the README's "Scale out" section."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Scale out: DDP, SLURM, W&B") :]
+    section = section[: section.index("\n## ", 1)].replace("\\\n", " ")
+    out = []
+    for line in section.splitlines():
+        line = line.split("  #")[0].strip()
+        while line and re.match(r"^[A-Z_]+=\S+ ", line):  # WANDB_MODE=online python …
+            line = line.split(" ", 1)[1]
+        if line.startswith("python -m crc_lightning."):
+            out.append(line)
+    return out
+
+
+def first_job(args: list[str]) -> list[str]:
+    """The overrides of a sweep's first job: each sweep override (``a,b`` / ``range``) → its first
+    value; ``-m`` dropped. (Hydra sweeper settings such as ``hydra.sweeper.params`` stay.)"""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in args if a != "-m"]
+    out = []
+    for arg, o in zip(args, OverridesParser.create().parse_overrides(args)):
+        if o.is_sweep_override() and not o.get_key_element().startswith("hydra"):
+            arg = f"{o.get_key_element()}={next(o.sweep_string_iterator())}"
+        out.append(arg)
+    return out
+
+
+def test_readme_scale_out_commands_compose() -> None:
+    """Every command of the README's scale-out section composes (a sweep: its first job) and its
+    trainer, logger, paths, model and launcher settings resolve."""
+    import shlex
+
+    from omegaconf import OmegaConf
+
+    from crc_lightning.cli import expand_ranges
+
+    commands = readme_commands()
+    assert len(commands) >= 8, commands
+    for command in commands:
+        words = shlex.split(command)
+        app, args = words[2].rsplit(".", 1)[1], expand_ranges(words[3:])
+        if any("sweeper=optuna" in a for a in args) and not _optuna_available():
+            continue
+        if app == "pretrain":  # its sweeps must not be refused for sharing one weights file
+            from crc_lightning.pretrain import weights_clash
+
+            assert weights_clash(_pretrain_sweep_cfg(*(a for a in args if a != "-m"))) == []
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose(app, overrides=first_job(args), return_hydra_config=True)
+        cfg.hydra.runtime.output_dir = "/tmp/out"
+        HydraConfig.instance().set_config(cfg)
+        try:
+            for key in ("trainer", "logger", "paths", "model", "hydra.launcher"):
+                node = OmegaConf.select(cfg, key)
+                if OmegaConf.is_config(node):
+                    OmegaConf.to_container(node, resolve=True)
+        except Exception as err:
+            raise AssertionError(f"README command does not resolve: {command}") from err
+        finally:
+            HydraConfig.instance().cfg = None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("app", ["pretrain", "run"])
+def test_joblib_runs_single_device_jobs_in_parallel(app, store, tmp_path) -> None:
+    """``hydra/launcher=joblib`` (the project's config, 2 workers): both jobs finish, each in its
+    folder, with one summary line each."""
+    if app == "run":
+        proc = run_sweep(tmp_path, store, "seed=0,1", "trainer=cpu", "hydra/launcher=joblib")
+        result_file = "metrics.json"
+    else:
+        cmd = [
+            sys.executable, "-m", "crc_lightning.pretrain", "-m", "res=32,48", "trainer=cpu",
+            "hydra/launcher=joblib", "ood=none", f"ood_stores=[{store}]", "epochs=1",
+            "batch_size=4", f"paths.root_dir={tmp_path / 'root'}",
+            "model.backbone.name=test_efficientnet", "trainer.limit_train_batches=2",
+        ]  # fmt: skip
+        (tmp_path / "cwd").mkdir()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path / "cwd",
+                              env=_env(), timeout=300)  # fmt: skip
+        result_file = "pretrain.json"
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert tree(tmp_path / "cwd") == []
+    (sweep,) = (tmp_path / "root" / "outputs" / app / "multiruns").iterdir()
+    jobs = sorted(p.parent for p in sweep.rglob(result_file))
+    assert [j.name.split("_")[0] for j in jobs] == ["0", "1"]
+    assert len([line for line in proc.stdout.splitlines() if line.startswith("[job ")]) == 2
+    assert "ConfigStore schema" not in proc.stderr  # the shadowing launcher config is quiet
 
 
 @pytest.mark.slow

@@ -119,7 +119,7 @@ def test_resume_after_kill_starts_at_epoch_k(root):
     assert torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] == 1
 
     # other settings → another checkpoint folder: never continued by mistake
-    other = make_cfg(root, *common, "epochs=2", "ckpt_path=last", "temperature=0.5")
+    other = make_cfg(root, *common, "epochs=2", "ckpt_path=last", "temperature=0.2")
     from crc_lightning.pretrain import checkpoint_dir, ood_stores
 
     assert checkpoint_dir(other, ood_stores(other)) != Path(first["checkpoint_dir"])

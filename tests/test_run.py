@@ -134,7 +134,9 @@ def test_oodp_variants_need_the_simclr_checkpoint(store, tmp_path, variant, labe
 
 @pytest.mark.parametrize("labels", ["five", "three"])
 @pytest.mark.parametrize("variant", ["oodp", "oodp_sa"])
-def test_fast_dev_run_oodp_variants_load_the_simclr_export(store, tmp_path, variant, labels) -> None:
+def test_fast_dev_run_oodp_variants_load_the_simclr_export(
+    store, tmp_path, variant, labels
+) -> None:
     """A SimCLR export (backbone + SA block for oodp_sa) is loaded strictly and recorded."""
     from crc_lightning.models.simclr import SimCLRModule, export_simclr_weights
 

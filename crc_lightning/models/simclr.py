@@ -92,7 +92,7 @@ class SimCLRModule(L.LightningModule):
         attention_dropout: float = 0.0,
         hidden_dim: int | None = None,
         output_dim: int = 128,
-        temperature: float = 0.1,
+        temperature: float = 0.5,
         base_lr: float = 0.06,
         batch_size: int = 256,
         warmup_epochs: int = 10,
