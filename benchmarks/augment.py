@@ -6,7 +6,7 @@ workers (``--workers``). Ours: the pre-loaded HU tensor → :class:`SSLAugment` 
 the main process (as ``on_after_batch_transfer`` runs it). Reported: augmented images/s (two views
 = two images per crop) and the ratio (target ≥ 5×).
 
-    .venv/bin/python benchmarks/augment.py [--n 512] [--res 64] [--batch 256] [--workers 2]
+    .venv/bin/python benchmarks/augment.py [--n 2048] [--res 64] [--batch 256] [--workers 2]
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def batched_rate(hu: np.ndarray, res: int, batch: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=512)
+    ap.add_argument("--n", type=int, default=2048)
     ap.add_argument("--res", type=int, default=64)
     ap.add_argument("--batch", type=int, default=256)  # conf/pretrain.yaml batch_size
     ap.add_argument("--workers", type=int, default=2)

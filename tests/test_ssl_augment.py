@@ -27,11 +27,31 @@ def test_views_shape_range_and_per_sample_params():
     for k in ("level", "width"):
         assert p[k].shape == (2, 32)
         assert len(torch.unique(p[k])) == 64  # every sample and view draws its own
+    for k in ("blur_sigma", "noise_std"):  # 0 where a sample drew "off" (p = 0.5)
+        assert p[k].shape == (2, 32)
+        assert len(torch.unique(p[k][p[k] > 0])) == int((p[k] > 0).sum()) > 0
     assert float(p["level"].min()) >= 20.0 and float(p["level"].max()) <= 60.0
     assert float(p["width"].min()) >= 400 * 0.8 - 1e-3
     assert float(p["width"].max()) <= 400 * 1.25 + 1e-3
     # geometry differs per sample too: the two views of one crop are not equal
     assert not torch.allclose(v0, v1)
+
+
+def test_blur_equals_kornias_gaussian_blur_per_sample():
+    """Oracle: kornia.filters.gaussian_blur2d (reflect border) with each sample's recorded σ;
+    samples drawn without blur come back unchanged."""
+    from kornia.filters import gaussian_blur2d
+
+    torch.manual_seed(4)
+    x = torch.rand(64, 1, 32, 32)
+    aug = SSLAugment(32, {"blur_p": 0.5, "blur_sigma": (0.3, 2.0), "blur_kernel": 7})
+    y, sigma = aug.blur(x)
+    on = sigma > 0
+    assert 10 < int(on.sum()) < 54  # both kinds present (p = 0.5)
+    assert float(sigma[on].min()) >= 0.3 and float(sigma.max()) <= 2.0
+    want = gaussian_blur2d(x[on], (7, 7), sigma[on, None].expand(-1, 2), border_type="reflect")
+    torch.testing.assert_close(y[on], want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(y[~on], x[~on], atol=1e-6, rtol=0)
 
 
 def test_window_jitter_matches_the_window_formula_on_constant_crops():
