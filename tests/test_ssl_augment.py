@@ -8,7 +8,13 @@ import pytest
 import torch
 from fixtures_store import write_fake_store
 
-from crc_lightning.data.ssl import SSLAugment, SSLDataModule, load_ood_pool, target_test_patients
+from crc_lightning.data.ssl import (
+    SSLAugment,
+    SSLDataModule,
+    affine_grid,
+    load_ood_pool,
+    target_test_patients,
+)
 from crc_lightning.data.store import CropStore
 
 RES = 24
@@ -35,6 +41,14 @@ def test_views_shape_range_and_per_sample_params():
     assert float(p["width"].max()) <= 400 * 1.25 + 1e-3
     # geometry differs per sample too: the two views of one crop are not equal
     assert not torch.allclose(v0, v1)
+
+
+def test_affine_grid_equals_torchs():
+    torch.manual_seed(5)
+    mat = torch.randn(16, 2, 3)
+    for res in (7, 32):
+        want = torch.nn.functional.affine_grid(mat, [16, 1, res, res], align_corners=False)
+        torch.testing.assert_close(affine_grid(mat, res), want, atol=1e-5, rtol=0)
 
 
 def test_blur_equals_kornias_gaussian_blur_per_sample():
