@@ -6,7 +6,7 @@ written as NIfTI (.nii.gz image + instance mask); a randomly initialised classif
 repeat times, for that one patient:
 
   load        read_image + read_mask (grid checked) — decompression dominates;
-  preprocess  lesion labels + Algorithm 1 (``case_crops``) + window/resize/normalise (``model_inputs``);
+  preprocess  lesion labels + Algorithm 1 (``preprocess_scan``) + window/resize/normalise (``model_inputs``);
   model       the classifier's forward pass over every included slice (sigmoid probabilities);
   saliency    one Grad-CAM / attention map + PNG per lesion (``saliency=true``, the default).
 
@@ -31,8 +31,8 @@ from crc_lightning.data.synthetic import make_phantom_case
 from crc_lightning.io import read_image, read_mask, write_nifti
 from crc_lightning.models.checkpoint import export_model, load_model
 from crc_lightning.models.classifier import MutationClassifier
-from crc_lightning.predict import _probabilities, _write_saliency, case_crops, model_inputs
-from crc_lightning.preprocessing.algorithm import PreprocessParams
+from crc_lightning.predict import _probabilities, _write_saliency, model_inputs
+from crc_lightning.preprocessing.algorithm import PreprocessParams, preprocess_scan
 
 CLASSES = ["KRAS", "NRAS", "BRAF", "PIK3CA", "OTHER"]
 
@@ -96,7 +96,8 @@ def main() -> None:
             mask = read_mask(mask_path, reference=image)
             times["load"] = time.perf_counter() - t
             t = time.perf_counter()
-            crops, stats = case_crops(image, mask, PreprocessParams.from_config(card["preprocess"]))
+            params = PreprocessParams.from_config(card["preprocess"])
+            crops, stats = preprocess_scan(image.array, mask.array, image.spacing, params)
             x = model_inputs(crops, card)
             times["preprocess"] = time.perf_counter() - t
             del image, mask

@@ -46,15 +46,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from crc_lightning.data.augment import normalize
-from crc_lightning.data.store import resize_square, window
+from crc_lightning.data.store import crops_to_tensor, window
 from crc_lightning.io import InputError, Volume, read_image, read_mask
 from crc_lightning.models.checkpoint import CheckpointError, check_expectations, load_model
 from crc_lightning.preprocessing.algorithm import (
     Crop,
     LesionStats,
     PreprocessParams,
-    lesion_labels_in_box,
-    preprocess_volume,
+    preprocess_scan,
 )
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,6 @@ log = logging.getLogger(__name__)
 __all__ = [
     "LESION_ID_COLUMNS",
     "SLICE_ID_COLUMNS",
-    "case_crops",
     "expectations_from_config",
     "format_info",
     "model_inputs",
@@ -80,30 +78,12 @@ _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # --------------------------------------------------------------------------- preprocessing
 
 
-def case_crops(
-    image: Volume, raw_mask: Volume, params: PreprocessParams
-) -> tuple[list[Crop], list[LesionStats]]:
-    """Algorithm 1 on one scan, exactly as the crop-store writer does (``process_case``): lesion
-    labels of the mask's non-zero box only, then ``preprocess_volume`` with that offset."""
-    labels, box = lesion_labels_in_box(raw_mask.array, params.connectivity)
-    if box is None:
-        return [], []
-    offset = (box[0].start, box[1].start, box[2].start)
-    spacing_yx = (float(image.spacing[1]), float(image.spacing[2]))
-    return preprocess_volume(image.array, labels, spacing_yx, params, offset)
-
-
 def model_inputs(crops: Sequence[Crop], card: Mapping[str, Any]) -> torch.Tensor:
-    """Crops → the normalised model input [N, 1, res, res], identical to the datamodule's test
-    path: window → /255 → ``resize_square`` → clamp to [0, 1] → ``normalize(mean, std)``."""
-    res = int(card["res"])
+    """Crops → the normalised model input [N, 1, res, res]: the datamodule's test path
+    (:func:`~crc_lightning.data.store.crops_to_tensor`, then ``normalize(mean, std)``)."""
     width, level = float(card["window"]["width"]), float(card["window"]["level"])
-    out = torch.empty((len(crops), 1, res, res), dtype=torch.float32)
-    for i, crop in enumerate(crops):
-        grey = window(crop.array, width, level) / np.float32(255.0)
-        out[i, 0] = torch.from_numpy(resize_square(grey, res))
-    out.clamp_(0.0, 1.0)
-    return normalize(out, card["normalize"]["mean"], card["normalize"]["std"])
+    grey = crops_to_tensor((c.array for c in crops), len(crops), int(card["res"]), width, level)
+    return normalize(grey, card["normalize"]["mean"], card["normalize"]["std"])
 
 
 @torch.inference_mode()
@@ -138,7 +118,7 @@ def predict_volumes(
     classes = [str(c) for c in card["class_names"]]
     pcols = [f"p_{c}" for c in classes]
     params = PreprocessParams.from_config(card["preprocess"])
-    crops, stats = case_crops(image, raw_mask, params)
+    crops, stats = preprocess_scan(image.array, raw_mask.array, image.spacing, params)
     if crops:
         x = model_inputs(crops, card)
         prob = _probabilities(model, x, batch_size)

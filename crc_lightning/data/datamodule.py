@@ -44,7 +44,7 @@ from crc_lightning.data.augment import ClassifierAugment, Normalize
 from crc_lightning.data.balance import median_balance
 from crc_lightning.data.labels import LabelSet
 from crc_lightning.data.splits import Split, split_for
-from crc_lightning.data.store import CropStore, resize_square, window
+from crc_lightning.data.store import CropStore, crops_to_tensor
 from crc_lightning.io.errors import InputError
 
 __all__ = ["CropDataModule", "clear_cache", "load_images"]
@@ -76,21 +76,14 @@ def _cache_key(store: CropStore, res: int, width: float, level: float) -> tuple:
 def load_images(
     store: CropStore, res: int, width: float = 400.0, level: float = 40.0
 ) -> torch.Tensor:
-    """Every crop of ``store`` (index order) → [N, 1, res, res] float32 in [0, 1]; cached.
-
-    Window first (HU → [0, 255]), then scale to [0, 1], then resize: the paper converts HU to
-    grey levels before any resampling, and anti-aliased resizing of the clipped image keeps
-    out-of-window HU from leaking into neighbouring pixels.
-    """
+    """Every crop of ``store`` (index order) → [N, 1, res, res] float32 in [0, 1]
+    (:func:`~crc_lightning.data.store.crops_to_tensor`); cached."""
     key = _cache_key(store, res, width, level)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    out = torch.empty((len(store.index), 1, int(res), int(res)), dtype=torch.float32)
-    for i, crop_id in enumerate(store.index["crop_id"].astype(str)):
-        grey = window(store.load(crop_id), width, level) / np.float32(255.0)
-        out[i, 0] = torch.from_numpy(resize_square(grey, int(res)))
-    out.clamp_(0.0, 1.0)  # bilinear upsampling may overshoot by rounding
+    ids = store.index["crop_id"].astype(str)
+    out = crops_to_tensor((store.load(c) for c in ids), len(ids), res, width, level)
     _CACHE[key] = out
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
@@ -270,7 +263,9 @@ class CropDataModule(pl.LightningDataModule):
         # maps): drop the ragged last training batch only when it would hold a single sample, so
         # small training sets keep every sample otherwise.
         drop_last = (
-            name == "train" and len(dataset) > self.batch_size and len(dataset) % self.batch_size == 1
+            name == "train"
+            and len(dataset) > self.batch_size
+            and len(dataset) % self.batch_size == 1
         )
         return DataLoader(
             dataset,

@@ -29,7 +29,9 @@ class LabelSet:
             members = tuple(str(m) for m in (members or ()))
             unknown = [m for m in members if m not in genes]
             if unknown:
-                raise ValueError(f"label set {cfg['name']!r}: class {name!r} names unknown genes {unknown}")
+                raise ValueError(
+                    f"label set {cfg['name']!r}: class {name!r} names unknown genes {unknown}"
+                )
             classes.append(str(name))
             groups.append(members)
         return cls(name=str(cfg["name"]), genes=genes, classes=tuple(classes), groups=tuple(groups))

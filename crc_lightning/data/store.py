@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import pandas as pd
 
 from crc_lightning.io.errors import InputError
 
-__all__ = ["CropStore", "resize_square", "window"]
+__all__ = ["CropStore", "crops_to_tensor", "resize_square", "window"]
 
 BUILD_HINT = "build it with `python -m crc_lightning.preprocess data=<synthetic|manifest|lits|...>`"
 
@@ -106,3 +106,25 @@ def resize_square(img: np.ndarray, res: int) -> np.ndarray:
     t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
     out = F.interpolate(t, size=(res, res), mode="bilinear", antialias=True, align_corners=False)
     return out[0, 0].numpy()
+
+
+def crops_to_tensor(
+    crops: Iterable[np.ndarray], n: int, res: int, width: float = 400.0, level: float = 40.0
+) -> Any:
+    """``n`` HU crops → a [n, 1, res, res] float32 torch tensor in [0, 1] — the model's grey input
+    before normalisation, the same for training (the store) and ``predict`` (a new scan).
+
+    Window first (HU → [0, 255]), then scale to [0, 1], then resize: the paper converts HU to grey
+    levels before any resampling, and anti-aliased resizing of the clipped image keeps
+    out-of-window HU from leaking into neighbouring pixels.
+    """
+    import torch
+
+    out = torch.empty((int(n), 1, int(res), int(res)), dtype=torch.float32)
+    i = -1
+    for i, hu in enumerate(crops):
+        grey = window(hu, width, level) / np.float32(255.0)
+        out[i, 0] = torch.from_numpy(resize_square(grey, int(res)))
+    if i + 1 != n:
+        raise ValueError(f"crops_to_tensor: expected {n} crops, got {i + 1}")
+    return out.clamp_(0.0, 1.0)  # bilinear upsampling may overshoot by rounding

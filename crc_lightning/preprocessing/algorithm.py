@@ -22,7 +22,7 @@ copies the full volume per lesion.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -38,6 +38,7 @@ __all__ = [
     "lesion_labels",
     "lesion_labels_in_box",
     "nonzero_box",
+    "preprocess_scan",
     "preprocess_volume",
     "select_slices",
     "slice_areas",
@@ -453,3 +454,20 @@ def preprocess_volume(
 def _ceil(x: float) -> int:
     """Ceiling that forgives float noise (10/0.1 = 100.00000000000001 → 100)."""
     return math.ceil(round(x, 9))
+
+
+def preprocess_scan(
+    image: np.ndarray,
+    raw_mask: np.ndarray,
+    spacing_zyx: Sequence[float],
+    params: PreprocessParams,
+) -> tuple[list[Crop], list[LesionStats]]:
+    """Algorithm 1 on one scan as read (HU image and raw lesion mask on one grid): lesion labels of
+    the mask's non-zero box only (no full-size label map), then :func:`preprocess_volume` with that
+    offset. What the crop-store writer and ``predict`` both run, so their crops are identical."""
+    labels, box = lesion_labels_in_box(raw_mask, params.connectivity)
+    if box is None:
+        return [], []
+    offset = (box[0].start, box[1].start, box[2].start)
+    spacing_yx = (float(spacing_zyx[1]), float(spacing_zyx[2]))
+    return preprocess_volume(image, labels, spacing_yx, params, offset)

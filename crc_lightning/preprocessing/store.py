@@ -35,8 +35,7 @@ import pandas as pd
 from crc_lightning.io.errors import InputError
 from crc_lightning.preprocessing.algorithm import (
     PreprocessParams,
-    lesion_labels_in_box,
-    preprocess_volume,
+    preprocess_scan,
 )
 
 log = logging.getLogger(__name__)
@@ -209,12 +208,7 @@ def process_case(
 ) -> dict[str, Any]:
     """Load a case, run Algorithm 1, write ``cases_dir/<case_hash>.npz``; return its metadata."""
     image, raw_mask = case.load()
-    labels, box = lesion_labels_in_box(raw_mask.array, params.connectivity)
-    spacing_yx = (float(image.spacing[1]), float(image.spacing[2]))
-    crops, stats = [], []
-    if box is not None:  # work on the lesions' box only: no full-size label map
-        offset = (box[0].start, box[1].start, box[2].start)
-        crops, stats = preprocess_volume(image.array, labels, spacing_yx, params, offset)
+    crops, stats = preprocess_scan(image.array, raw_mask.array, image.spacing, params)
     arrays: dict[str, np.ndarray] = {}
     rows = []
     for c in crops:
