@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from pathlib import Path
 
 import lightning as L
@@ -19,7 +18,6 @@ from crc_lightning.models.classifier import MutationClassifier
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 CLASSES = ["RAS", "PIK3CA_BRAF", "OTHER"]
-HAS_SIMCLR = importlib.util.find_spec("crc_lightning.models.simclr") is not None
 
 
 def _model(**kw) -> MutationClassifier:
@@ -87,15 +85,6 @@ def test_simclr_without_checkpoint_names_the_pretrain_command(tmp_path: Path, at
     }
     with pytest.raises(WeightsNotFoundError, match=r"python -m crc_lightning\.pretrain res=32"):
         _model(backbone=bb, attention=attention)
-
-
-@pytest.mark.skipif(HAS_SIMCLR, reason="the SimCLR module exists; see test_run for the real load")
-def test_simclr_module_missing_is_a_clear_error(tmp_path: Path) -> None:
-    f = tmp_path / "simclr_res32.ckpt"
-    f.write_bytes(b"not yet")
-    bb = {"weights": "simclr", "weights_file": str(f)}
-    with pytest.raises(WeightsNotFoundError, match=r"crc_lightning\.pretrain"):
-        _model(backbone=bb)
 
 
 def test_config_optimizer_is_the_papers_sgd() -> None:

@@ -3,7 +3,6 @@ files against CONTRACTS.md, sweep ranges, resume, reproducibility and a "trainin
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -26,7 +25,6 @@ from crc_lightning.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
-HAS_SIMCLR = importlib.util.find_spec("crc_lightning.models.simclr") is not None
 CLASSES = {
     "five": ["KRAS", "NRAS", "BRAF", "PIK3CA", "OTHER"],
     "three": ["RAS", "PIK3CA_BRAF", "OTHER"],

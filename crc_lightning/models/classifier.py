@@ -33,6 +33,7 @@ from crc_lightning.models.backbone import (
     feature_dim,
     file_sha256,
 )
+from crc_lightning.models.simclr import load_simclr_weights
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def load_simclr_into(
 ) -> WeightsInfo:
     """Load the SimCLR checkpoint into ``backbone`` (and the SA ``pool``); never falls back silently.
 
-    A missing checkpoint, or a missing SimCLR module, raises :class:`WeightsNotFoundError` naming the
+    A missing checkpoint raises :class:`WeightsNotFoundError` naming the
     command that makes the checkpoint.
     """
     path = Path(weights_file).expanduser() if weights_file else None
@@ -72,13 +73,7 @@ def load_simclr_into(
             f"model.backbone.weights_file={path} does not exist. Make it with `{pretrain_hint}`, "
             f"or pass model.backbone.weights_file=/path/to/simclr.ckpt, or use variant=baseline."
         )
-    try:
-        from crc_lightning.models.simclr import load_simclr_weights
-    except ImportError as err:
-        raise WeightsNotFoundError(
-            f"cannot read the SimCLR checkpoint {path}: crc_lightning.models.simclr is not "
-            f"available ({err}). SimCLR checkpoints are made by `{pretrain_hint}`."
-        ) from err
+
     bb_state, pool_state, _meta = load_simclr_weights(path, res, attention)
     backbone.load_state_dict(bb_state, strict=True)
     if attention:
