@@ -6,7 +6,7 @@ patient (``GroupShuffleSplit``), test AUC. Two encoders, same architecture: the 
 EfficientNet-B0 (``--pretrain-epochs`` on the synthetic OOD store, a different seed than the
 target cohort) vs random init. Both stores are built once under ``--root``.
 
-    .venv/bin/python benchmarks/linear_probe.py [--root /tmp/crc_probe] [--res 32] [--pretrain-epochs 40] [--repeats 20]
+    .venv/bin/python benchmarks/linear_probe.py [--root /tmp/crc_probe] [--res 32] [--pretrain-epochs 100] [--repeats 20]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="/tmp/crc_probe")
     ap.add_argument("--res", type=int, default=32)
-    ap.add_argument("--pretrain-epochs", type=int, default=40)
+    ap.add_argument("--pretrain-epochs", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=20, help="patient-grouped probe splits")
     a = ap.parse_args()
