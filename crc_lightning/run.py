@@ -63,6 +63,22 @@ def store_facts(store_dir: str | Path) -> dict[str, Any]:
     return {"params": dict(meta.get("params", {})), "version": meta.get("version"), "hash": h}
 
 
+def changed_inputs(stored: Mapping[str, Any], cfg: DictConfig) -> str | None:
+    """Why a finished job's ``metrics.json`` no longer describes what this config would train
+    (its crop store or backbone weights file changed), or None if it still does."""
+    from crc_lightning.models.backbone import file_sha256
+
+    data = stored.get("data") or {}
+    if data.get("store_hash") != store_facts(cfg.data.store)["hash"]:
+        return "the crop store changed"
+    weights = stored.get("weights") or {}
+    if weights.get("sha256"):
+        path = Path(str(weights.get("file")))
+        if not path.is_file() or file_sha256(path) != weights["sha256"]:
+            return f"the backbone weights file {path.name} changed"
+    return None
+
+
 def predictions_frame(
     test_index: pd.DataFrame,
     outputs: Mapping[str, torch.Tensor],
@@ -187,11 +203,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.json"
     if bool(cfg.get("resume", True)) and metrics_path.is_file():
-        log.info("resume: %s exists, job skipped", metrics_path)
         stored = json.loads(metrics_path.read_text())
-        if multirun:
-            print(job_summary_line(stored, time.monotonic() - started, "(resumed)"), flush=True)
-        return stored
+        changed = changed_inputs(stored, cfg)
+        if changed is None:
+            log.info("resume: %s exists, job skipped", metrics_path)
+            if multirun:
+                print(job_summary_line(stored, time.monotonic() - started, "(resumed)"), flush=True)
+            return stored
+        log.warning("resume: %s since metrics.json was written; training again", changed)
 
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule = instantiate(cfg.datamodule)

@@ -246,6 +246,27 @@ def test_same_seed_same_metrics_and_resume_skips(store, tmp_path) -> None:
     assert (a / "predictions.csv").exists()
 
 
+def test_resume_trains_again_when_the_weights_file_changed(store, tmp_path, imagenet_file) -> None:
+    """A stored result made from other backbone weights (e.g. a new SimCLR export) is stale."""
+    import shutil
+
+    weights = tmp_path / "w.pth"
+    shutil.copy(imagenet_file, weights)
+    out = tmp_path / "job"
+    args = ("variant=baseline", f"model.backbone.weights_file={weights}", "trainer.max_epochs=1")
+    first = run(make_cfg(store, out, *args))
+    assert first["weights"]["file"] == str(weights)
+    (out / "predictions.csv").unlink()
+    run(make_cfg(store, out, *args))  # same file: resumed, nothing written
+    assert not (out / "predictions.csv").exists()
+    state = torch.load(weights, weights_only=True)
+    state["conv_stem.weight"] = state["conv_stem.weight"] * 0.5
+    torch.save(state, weights)
+    again = run(make_cfg(store, out, *args))
+    assert (out / "predictions.csv").exists()  # trained again
+    assert again["weights"]["sha256"] != first["weights"]["sha256"]
+
+
 def test_single_run_with_a_range_is_an_error() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "crc_lightning.run", "seed=0..4"],
