@@ -342,16 +342,13 @@ def sweep_job_dirs(sweep_dir: str | Path) -> list[Path]:
 class SweepReportCallback(HydraCallback):
     """At the end of a ``-m`` sweep, write the report of its jobs into ``<sweep dir>/report``.
 
-    Does nothing when the report app is not installed or no job finished; a report failure is
+    Does nothing when no job finished; a report failure is
     logged, never raised (the jobs' own results are already on disk).
     """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            from crc_lightning.evaluation.report import report_from_jobs
-        except ImportError:
-            log.info("no report app (crc_lightning.evaluation.report); skipping the sweep report")
-            return
+        from crc_lightning.evaluation.report import report_from_jobs
+
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = sweep_job_dirs(sweep_dir)
         if not jobs:

@@ -80,10 +80,8 @@ def hydra_job_child_command(local_rank: int) -> tuple[list[str], str] | None:
 
     The child gets exactly this job's overrides and writes into this job's folder; it is never a sweep.
     """
-    try:
-        from hydra.core.hydra_config import HydraConfig
-    except ImportError:  # pragma: no cover
-        return None
+    from hydra.core.hydra_config import HydraConfig
+
     if not HydraConfig.initialized():
         return None
     hc = HydraConfig.get()

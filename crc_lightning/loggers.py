@@ -63,17 +63,13 @@ def sanitize(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def sweep_group() -> str | None:
     """The W&B group of a job: the sweep folder's name in a ``-m`` sweep, None in a single run."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-    except ImportError:  # pragma: no cover
+    from hydra.core.hydra_config import HydraConfig
+
+    from crc_lightning.cli import is_multirun
+
+    if not is_multirun():
         return None
-    if not HydraConfig.initialized():
-        return None
-    hc = HydraConfig.get()
-    if hc.mode != RunMode.MULTIRUN:
-        return None
-    return Path(str(hc.sweep.dir)).name or None
+    return Path(str(HydraConfig.get().sweep.dir)).name or None
 
 
 def flat_numbers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
