@@ -339,6 +339,16 @@ def sweep_job_dirs(sweep_dir: str | Path) -> list[Path]:
     return sorted(p.parent for p in Path(sweep_dir).rglob("metrics.json"))
 
 
+def _finished_jobs(config: DictConfig, product: str) -> tuple[Path, list[Path]]:
+    """The sweep folder and its finished jobs (with metrics.json); warns when there is none, since
+    the sweep-end ``product`` (report, selection) is then skipped."""
+    sweep_dir = Path(config.hydra.sweep.dir)
+    jobs = sweep_job_dirs(sweep_dir)
+    if not jobs:
+        log.warning("sweep %s: no job wrote metrics.json; no %s", sweep_dir, product)
+    return sweep_dir, jobs
+
+
 class SweepReportCallback(HydraCallback):
     """At the end of a ``-m`` sweep, write the report of its jobs into ``<sweep dir>/report``.
 
@@ -349,10 +359,8 @@ class SweepReportCallback(HydraCallback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from crc_lightning.evaluation.report import report_from_jobs
 
-        sweep_dir = Path(config.hydra.sweep.dir)
-        jobs = sweep_job_dirs(sweep_dir)
+        sweep_dir, jobs = _finished_jobs(config, "report")
         if not jobs:
-            log.warning("sweep %s: no job wrote metrics.json; no report", sweep_dir)
             return
         try:
             report_from_jobs(jobs, sweep_dir / "report")
@@ -453,10 +461,8 @@ class SweepSelectionCallback(HydraCallback):
         if not metric:
             return
         mode = str(config.get("optimized_mode", "max"))
-        sweep_dir = Path(config.hydra.sweep.dir)
-        jobs = sweep_job_dirs(sweep_dir)
+        sweep_dir, jobs = _finished_jobs(config, "selection")
         if not jobs:
-            log.warning("sweep %s: no job wrote metrics.json; no selection", sweep_dir)
             return
         try:
             best, ranked = select_best_job(jobs, str(metric), mode)
