@@ -55,7 +55,7 @@ def lightly_rate(hu: np.ndarray, res: int, batch: int, workers: int) -> float:
 
 def batched_rate(hu: np.ndarray, res: int, batch: int) -> float:
     x = torch.from_numpy(hu).float()[:, None]
-    aug = SSLAugment(res)
+    aug = SSLAugment(res, None, {"width": 400.0, "level": 40.0})  # conf/input/default.yaml
     aug(x[:batch])  # warm-up
     t = time.perf_counter()
     n = 0

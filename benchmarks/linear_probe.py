@@ -24,20 +24,22 @@ from sklearn.model_selection import GroupShuffleSplit
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from crc_lightning.apps._hydra import CONF_DIR as CONF
+from crc_lightning.apps.pretrain import ensure_synthetic_ood, pretrain
+from crc_lightning.cropstore.reader import CropStore
 from crc_lightning.data.augment import normalize
 from crc_lightning.data.datamodule import load_images
-from crc_lightning.data.store import CropStore
 from crc_lightning.models.backbone import create_backbone
 from crc_lightning.models.simclr import load_simclr_weights
-from crc_lightning.pretrain import ensure_synthetic_ood, pretrain
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @torch.no_grad()
 def features(backbone: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
     backbone.eval()
-    out = [backbone.forward_features(normalize(x)).mean((2, 3)) for x in images.split(128)]
+    out = [
+        backbone.forward_features(normalize(x, 0.449, 0.226)).mean((2, 3))
+        for x in images.split(128)
+    ]
     return torch.cat(out).numpy()
 
 
@@ -89,7 +91,7 @@ def main() -> None:
     idx = store.index
     y = ((idx["KRAS"].astype(int) + idx["NRAS"].astype(int)) > 0).to_numpy().astype(int)
     groups = idx["patient_id"].astype(str).to_numpy()
-    images = load_images(store, a.res)
+    images = load_images(store, a.res, 400.0, 40.0)  # conf/input/default.yaml
     bb_state, _, meta = load_simclr_weights(weights, a.res, False, "efficientnet_b0")
     pre, _ = create_backbone("efficientnet_b0", 1, "none")
     pre.load_state_dict(bb_state, strict=True)

@@ -27,12 +27,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from crc_lightning.data.synthetic import make_phantom_case
+from crc_lightning.inference.predictor import _probabilities, _write_saliency, model_inputs
 from crc_lightning.io import read_image, read_mask, write_nifti
 from crc_lightning.models.checkpoint import export_model, load_model
 from crc_lightning.models.classifier import MutationClassifier
-from crc_lightning.predict import _probabilities, _write_saliency, model_inputs
 from crc_lightning.preprocessing.algorithm import PreprocessParams, preprocess_scan
+from crc_lightning.sources.synthetic import make_phantom_case
 
 CLASSES = ["KRAS", "NRAS", "BRAF", "PIK3CA", "OTHER"]
 

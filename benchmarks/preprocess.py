@@ -25,18 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from crc_lightning.io import Volume, read_image, read_mask, write_nifti
-from crc_lightning.preprocessing.algorithm import (
-    PreprocessParams,
-    lesion_labels_in_box,
-    preprocess_volume,
-)
-from crc_lightning.preprocessing.store import (
+from crc_lightning.cropstore.writer import (
     _run_case,
     _write_case_npz,
     case_fingerprint,
     package_version,
 )
+from crc_lightning.io import Volume, read_image, read_mask, write_nifti
+from crc_lightning.io.lesions import lesion_labels_in_box
+from crc_lightning.preprocessing.algorithm import PreprocessParams, preprocess_volume
 
 SPACING = (2.5, 0.75, 0.75)  # (sz, sy, sx) mm
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from fixtures_store import write_fake_store
 from wandb.proto import wandb_internal_pb2 as pb
 
-from crc_lightning.loggers import PrivateWandbLogger, finish_wandb
+from crc_lightning.tracking import PrivateWandbLogger, finish_wandb
+from tests.helpers.stores import write_fake_store
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32768  # LevelDB log block size used by W&B's transaction log

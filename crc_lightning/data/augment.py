@@ -7,8 +7,8 @@ device (``kornia.augmentation``, called from ``CropDataModule.on_after_batch_tra
 
 :class:`Normalize` / :func:`normalize` is the only transform of the evaluation and predict paths,
 so it is kept separate and deterministic: ``(x - mean) / std`` with the 1-channel mean/std of the
-config. The default (0.449, 0.226) is the mean of ImageNet's per-channel statistics, i.e. what an
-ImageNet-pretrained backbone collapsed to one input channel expects.
+``input.normalize`` config node (``conf/input/default.yaml``: the mean of ImageNet's per-channel
+statistics, what an ImageNet-pretrained backbone collapsed to one input channel expects).
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ DEFAULTS: dict[str, Any] = {
     "crop_scale": (0.7, 1.0),  # area fraction kept by RandomResizedCrop, then resized back to res
     "crop_ratio": (0.9, 1.0 / 0.9),
     "crop_p": 1.0,
-    "mean": 0.449,
-    "std": 0.226,
 }
 
 
@@ -43,14 +41,10 @@ def _cfg(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
         if unknown:
             raise ValueError(f"unknown augment keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
         out.update({k: v for k, v in dict(cfg).items() if v is not None})
-    if float(out["std"]) <= 0:
-        raise ValueError(f"augment.std must be > 0, got {out['std']}")
     return out
 
 
-def normalize(
-    x: torch.Tensor, mean: float = DEFAULTS["mean"], std: float = DEFAULTS["std"]
-) -> torch.Tensor:
+def normalize(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     """``(x - mean) / std`` for a [B, 1, H, W] batch in [0, 1]; deterministic."""
     m = torch.tensor([float(mean)], dtype=x.dtype, device=x.device)
     s = torch.tensor([float(std)], dtype=x.dtype, device=x.device)
@@ -60,16 +54,16 @@ def normalize(
 class Normalize(nn.Module):
     """The evaluation / predict transform: :func:`normalize` with the config's mean and std."""
 
-    def __init__(self, mean: float = DEFAULTS["mean"], std: float = DEFAULTS["std"]) -> None:
+    def __init__(self, mean: float, std: float) -> None:
         super().__init__()
         if float(std) <= 0:
             raise ValueError(f"std must be > 0, got {std}")
         self.mean, self.std = float(mean), float(std)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None) -> Normalize:
-        c = _cfg(cfg)
-        return cls(c["mean"], c["std"])
+    def from_config(cls, cfg: Mapping[str, Any]) -> Normalize:
+        """From the ``input.normalize`` node (``mean``, ``std``)."""
+        return cls(float(cfg["mean"]), float(cfg["std"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return normalize(x, self.mean, self.std)
@@ -84,10 +78,13 @@ class ClassifierAugment(nn.Module):
     Parameters are drawn per sample (``same_on_batch=False``) from torch's global RNG, so a run is
     reproducible under ``lightning.seed_everything``. Input and output: [B, 1, H, W] → [B, 1, res, res].
     ``cfg`` keys (all optional, see :data:`DEFAULTS`): ``rotation_degrees``, ``rotation_p``,
-    ``hflip_p``, ``vflip_p``, ``crop_scale``, ``crop_ratio``, ``crop_p``, ``mean``, ``std``.
+    ``hflip_p``, ``vflip_p``, ``crop_scale``, ``crop_ratio``, ``crop_p``; ``normalize``: the
+    ``input.normalize`` node (``mean``, ``std``).
     """
 
-    def __init__(self, res: int, cfg: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, res: int, cfg: Mapping[str, Any] | None, normalize: Mapping[str, Any]
+    ) -> None:
         super().__init__()
         c = _cfg(cfg)
         self.res = int(res)
@@ -102,7 +99,7 @@ class ClassifierAugment(nn.Module):
                 p=float(c["crop_p"]),
             ),
         )
-        self.normalize = Normalize(c["mean"], c["std"])
+        self.normalize = Normalize.from_config(normalize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 1:

@@ -7,7 +7,7 @@
 3. median balancing of the *training* rows (:mod:`.balance`), **once per setup**, drawn from the
    seed — the paper balances "at the beginning of the training phase"; re-drawing per epoch would
    make the epoch content depend on how many epochs ran, and a fixed set is easier to audit;
-4. pre-load every crop windowed (``window_width``/``window_level``) and resized to ``res``, as one
+4. pre-load every crop windowed (``window``: the ``input.window`` node) and resized to ``res``, as one
    float32 tensor in [0, 1] (window → /255 → :func:`resize_square`). Crop stores are small (a few
    thousand crops; 4 GB at res 512 for 4 000 crops), and the tensor is cached per process under
    (store folder, index file stamp, res, window), so folds/seeds in one process reuse it.
@@ -16,7 +16,7 @@ Batches are dicts ``{"image": [B,1,res,res] float32 in [0,1], "target": [B,C] fl
 "index": [B] long}`` where ``index`` is the row of ``train_index`` / ``val_index`` / ``test_index``
 of that stage (to write ``predictions.csv``). After the transfer to the device,
 ``on_after_batch_transfer`` applies :class:`ClassifierAugment` while the trainer is training, and
-only the deterministic :class:`Normalize` otherwise (validation, test, predict, sanity checks).
+only the deterministic :class:`Normalize` otherwise (validation, test, sanity checks).
 
 Determinism: split and balancing are functions of ``seed``; the training loader shuffles with its
 own ``torch.Generator`` seeded by ``seed`` (advanced epoch by epoch); augmentation draws from torch's
@@ -40,11 +40,13 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from crc_lightning.cropstore.format import INDEX_FILE
+from crc_lightning.cropstore.reader import CropStore
 from crc_lightning.data.augment import ClassifierAugment, Normalize
 from crc_lightning.data.balance import median_balance
+from crc_lightning.data.inputs import crops_to_tensor
 from crc_lightning.data.labels import LabelSet
 from crc_lightning.data.splits import Split, split_for
-from crc_lightning.data.store import CropStore, crops_to_tensor
 from crc_lightning.io.errors import InputError
 
 __all__ = ["CropDataModule", "clear_cache", "load_images"]
@@ -61,8 +63,7 @@ def clear_cache() -> None:
 
 
 def _cache_key(store: CropStore, res: int, width: float, level: float) -> tuple:
-    index_file = store.path / "index.parquet"
-    stat = index_file.stat()
+    stat = (store.path / INDEX_FILE).stat()
     return (
         str(store.path.resolve()),
         stat.st_mtime_ns,
@@ -73,11 +74,9 @@ def _cache_key(store: CropStore, res: int, width: float, level: float) -> tuple:
     )
 
 
-def load_images(
-    store: CropStore, res: int, width: float = 400.0, level: float = 40.0
-) -> torch.Tensor:
+def load_images(store: CropStore, res: int, width: float, level: float) -> torch.Tensor:
     """Every crop of ``store`` (index order) → [N, 1, res, res] float32 in [0, 1]
-    (:func:`~crc_lightning.data.store.crops_to_tensor`); cached."""
+    (:func:`~crc_lightning.data.inputs.crops_to_tensor`); cached."""
     key = _cache_key(store, res, width, level)
     if key in _CACHE:
         _CACHE.move_to_end(key)
@@ -97,9 +96,10 @@ class _CropDataset(Dataset):
         self, images: torch.Tensor, store_rows: np.ndarray, targets: np.ndarray, sample: np.ndarray
     ) -> None:
         self.images = images
-        self.store_rows = torch.as_tensor(np.asarray(store_rows, dtype=np.int64))
-        self.targets = torch.as_tensor(np.asarray(targets, dtype=np.float32))
-        self.sample = torch.as_tensor(np.asarray(sample, dtype=np.int64))
+        # torch.tensor copies: pandas' copy-on-write hands out read-only arrays
+        self.store_rows = torch.tensor(np.asarray(store_rows, dtype=np.int64))
+        self.targets = torch.tensor(np.asarray(targets, dtype=np.float32))
+        self.sample = torch.tensor(np.asarray(sample, dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.sample)
@@ -117,8 +117,8 @@ class CropDataModule(pl.LightningDataModule):
     """Train/val/test loaders of a labelled crop store, split by patient (see module docstring).
 
     ``split``: ``mode`` (holdout|kfold), ``test_size``, ``val_size``, ``n_splits``, ``fold``,
-    ``repeat`` (``conf/split/*.yaml``). ``augment``: :class:`ClassifierAugment` keys incl. the
-    normalisation ``mean``/``std``.
+    ``repeat`` (``conf/split/*.yaml``). ``window`` (``width``, ``level``) and ``normalize``
+    (``mean``, ``std``): the ``input`` config node. ``augment``: :class:`ClassifierAugment` keys.
     """
 
     def __init__(
@@ -126,8 +126,8 @@ class CropDataModule(pl.LightningDataModule):
         store_dir: str | Path,
         labels: LabelSet | Mapping[str, Any],
         res: int,
-        window_width: float = 400.0,
-        window_level: float = 40.0,
+        window: Mapping[str, float],
+        normalize: Mapping[str, float],
         batch_size: int = 16,
         num_workers: int = 0,
         split: Mapping[str, Any] | None = None,
@@ -141,17 +141,17 @@ class CropDataModule(pl.LightningDataModule):
         self.store_dir = Path(store_dir)
         self.labels = labels if isinstance(labels, LabelSet) else LabelSet.from_config(labels)
         self.res = int(res)
-        self.window_width, self.window_level = float(window_width), float(window_level)
+        self.window_width, self.window_level = float(window["width"]), float(window["level"])
         if self.window_width <= 0:
-            raise ValueError(f"window_width must be > 0, got {window_width}")
+            raise ValueError(f"input.window.width must be > 0, got {self.window_width}")
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.split_cfg = dict(split) if split is not None else {"mode": "holdout"}
         self.seed, self.balance = int(seed), bool(balance)
         self.augment_cfg = dict(augment) if augment is not None else {}
         self.exclude_patients = tuple(str(p) for p in exclude_patients)
         self.pin_memory = bool(pin_memory)
-        self.augment = ClassifierAugment(self.res, self.augment_cfg)
-        self.normalize = Normalize.from_config(self.augment_cfg)
+        self.augment = ClassifierAugment(self.res, self.augment_cfg, normalize)
+        self.normalize = Normalize.from_config(normalize)
         self.split: Split | None = None
         self.train_index = self.val_index = self.test_index = pd.DataFrame()
         self.train_sample = np.zeros(0, dtype=np.int64)
@@ -169,7 +169,7 @@ class CropDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ setup
     def _labelled_index(self, store: CropStore) -> tuple[pd.DataFrame, np.ndarray]:
         """Store index rows with complete gene labels (column ``store_row`` added) + class matrix."""
-        index_file = store.path / "index.parquet"
+        index_file = store.path / INDEX_FILE
         genes = list(self.labels.genes)
         missing = [g for g in (*genes, "patient_id", "crop_id") if g not in store.index.columns]
         if missing:
@@ -285,9 +285,6 @@ class CropDataModule(pl.LightningDataModule):
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
     # ------------------------------------------------------------------ device transforms

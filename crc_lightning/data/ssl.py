@@ -39,9 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from crc_lightning.data.augment import DEFAULTS as CLASSIFIER_AUGMENT
+from crc_lightning.cropstore.format import store_hash
+from crc_lightning.cropstore.reader import CropStore
 from crc_lightning.data.augment import normalize
-from crc_lightning.data.store import CropStore, resize_square
+from crc_lightning.data.inputs import resize_square
 from crc_lightning.io.errors import InputError
 
 __all__ = [
@@ -52,15 +53,13 @@ __all__ = [
     "affine_grid",
     "load_ood_pool",
     "resolve_ood_sources",
-    "store_hash",
     "target_test_patients",
 ]
 
 log = logging.getLogger(__name__)
 
 AUGMENT_DEFAULTS: dict[str, Any] = {
-    "level": 40.0,  # HU: the classifier's window (width 400 / level 40) is the jitter's centre
-    "width": 400.0,
+    # the window jitter is centred on the classifier's window (``window`` = the input.window node)
     "level_jitter": 20.0,  # level ± this many HU, per sample
     "width_scale": (0.8, 1.25),  # width × log-uniform factor in this range, per sample
     "rotation_degrees": 180.0,  # lesions have no canonical in-plane orientation
@@ -163,11 +162,6 @@ class OODPool:
         return out
 
 
-def store_hash(store_dir: str | Path) -> str:
-    """Content id of a crop store: sha256 of its ``index.parquet`` (case files are named in it)."""
-    return hashlib.sha256((Path(store_dir) / "index.parquet").read_bytes()).hexdigest()
-
-
 def _crop_digest(hu: np.ndarray) -> str:
     a = np.ascontiguousarray(hu, dtype=np.int16)
     return hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()
@@ -246,15 +240,16 @@ def load_ood_pool(
 
 
 # ------------------------------------------------------------------------------ augmentation
-def _aug_cfg(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+def _aug_cfg(cfg: Mapping[str, Any] | None, window: Mapping[str, float]) -> dict[str, Any]:
     out = dict(AUGMENT_DEFAULTS)
     if cfg:
         unknown = set(cfg) - set(AUGMENT_DEFAULTS)
         if unknown:
             raise ValueError(f"unknown ssl augment keys {sorted(unknown)}; known: {sorted(out)}")
         out.update({k: v for k, v in dict(cfg).items() if v is not None})
-    if float(out["width"]) <= 0 or min(out["width_scale"]) <= 0:
-        raise ValueError("augment.width and augment.width_scale must be > 0")
+    out["level"], out["width"] = float(window["level"]), float(window["width"])
+    if out["width"] <= 0 or min(out["width_scale"]) <= 0:
+        raise ValueError("input.window.width and augment.width_scale must be > 0")
     return out
 
 
@@ -274,9 +269,11 @@ class SSLAugment(nn.Module):
     one row per view) for audits and tests.
     """
 
-    def __init__(self, res: int, cfg: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, res: int, cfg: Mapping[str, Any] | None, window: Mapping[str, float]
+    ) -> None:
         super().__init__()
-        c = _aug_cfg(cfg)
+        c = _aug_cfg(cfg, window)
         self.res, self.cfg = int(res), c
         self.kernel = int(c["blur_kernel"]) or max(3, round(0.1 * self.res) | 1)
         if self.kernel % 2 == 0 or self.kernel // 2 >= self.res:
@@ -390,7 +387,8 @@ class _PairDataset(Dataset):
 class SSLDataModule(pl.LightningDataModule):
     """Unlabelled OOD crop stores → training batches of two augmented, normalised views.
 
-    ``stores``: ``{name: folder}`` (:func:`resolve_ood_sources`). After the device transfer a
+    ``stores``: ``{name: folder}`` (:func:`resolve_ood_sources`); ``window`` / ``normalize``: the
+    ``input`` config node (the jitter's centre, the classifier's normalisation). After the device transfer a
     training batch is ``{"view0", "view1": [B,1,res,res] normalised, "index": [B]}``.
     """
 
@@ -398,6 +396,8 @@ class SSLDataModule(pl.LightningDataModule):
         self,
         stores: Mapping[str, str | Path],
         res: int,
+        window: Mapping[str, float],
+        normalize: Mapping[str, float],
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
@@ -406,8 +406,6 @@ class SSLDataModule(pl.LightningDataModule):
         positives: str = "augment",
         max_slice_gap: int = 2,
         augment: Mapping[str, Any] | None = None,
-        mean: float = CLASSIFIER_AUGMENT["mean"],
-        std: float = CLASSIFIER_AUGMENT["std"],
         hints: Mapping[str, str] | None = None,
         pin_memory: bool = False,
     ) -> None:
@@ -420,8 +418,8 @@ class SSLDataModule(pl.LightningDataModule):
         self.exclude_patients = tuple(str(p) for p in exclude_patients)
         self.exclude_by_store = {str(k): list(v) for k, v in (exclude_by_store or {}).items()}
         self.positives, self.max_slice_gap = positives, int(max_slice_gap)
-        self.augment = SSLAugment(self.res, augment)
-        self.mean, self.std = float(mean), float(std)
+        self.augment = SSLAugment(self.res, augment, window)
+        self.mean, self.std = float(normalize["mean"]), float(normalize["std"])
         self.hints = dict(hints or {})
         self.pin_memory = bool(pin_memory)
         self.pool: OODPool | None = None

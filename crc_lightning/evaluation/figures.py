@@ -20,6 +20,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from crc_lightning.cropstore.format import GENES
+from crc_lightning.cropstore.reader import CropStore
+from crc_lightning.data.inputs import window
+from crc_lightning.io.files import atomic_path
+
 __all__ = [
     "bar_chart",
     "cooccurrence_figure",
@@ -32,9 +37,12 @@ LABEL_NAMES = {"auc": "AUC", "f1": "F1 (focus)", "hamming": "Hamming loss", "f1_
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -134,14 +142,17 @@ def roc_figure(lesions: pd.DataFrame, classes: Sequence[str], path: Path, title:
 
 
 def sample_crops_figure(
-    store: str | Path, path: Path, per_class: int = 4, seed: int = 0
+    store: str | Path,
+    path: Path,
+    window_hu: tuple[float, float],
+    per_class: int = 4,
+    seed: int = 0,
 ) -> Path | None:
-    """A few windowed crops per gene (and OTHER = no gene) from the crop store; None if unlabelled."""
-    from crc_lightning.data.store import CropStore, window
-
+    """A few crops per gene (and OTHER = no gene) from the crop store, shown through the CT window
+    ``window_hu`` = (width, level); None if the store is unlabelled."""
     cs = CropStore(store)
     idx = cs.index
-    genes = [g for g in ("KRAS", "NRAS", "BRAF", "PIK3CA") if g in idx.columns]
+    genes = [g for g in GENES if g in idx.columns]
     idx = idx.dropna(subset=genes)
     if idx.empty:
         return None
@@ -158,9 +169,11 @@ def sample_crops_figure(
             ax = axes[i][j]
             ax.axis("off")
             if j < len(pick):
-                ax.imshow(window(cs.load(pick["crop_id"].iloc[j])), cmap="gray", vmin=0, vmax=255)
+                hu = cs.load(pick["crop_id"].iloc[j])
+                ax.imshow(window(hu, *window_hu), cmap="gray", vmin=0, vmax=255)
         axes[i][0].set_title(name, fontsize=9, loc="left")
-    fig.suptitle("Fig 2 — sample crops per class (W400/L40)")
+    width, level = window_hu
+    fig.suptitle(f"Fig 2 — sample crops per class (W{width:g}/L{level:g})")
     return _save(fig, path)
 
 
@@ -171,6 +184,7 @@ def report_figures(
     out: Path,
     level: str = "lesion",
     store: str | Path | None = None,
+    window_hu: tuple[float, float] | None = None,
 ) -> list[tuple[str, Path]]:
     """Every figure of the report, as ``(title, path)``."""
     figs: list[tuple[str, Path]] = []
@@ -212,7 +226,9 @@ def report_figures(
             t = f"ROC per class, lesion level, pooled over seeds ({labels})"
             figs.append((t, roc_figure(g, classes, out / f"roc_{labels}.png", t)))
     if store:
-        p = sample_crops_figure(store, out / "fig2_sample_crops.png")
+        if window_hu is None:
+            raise ValueError("the sample-crops figure needs the CT window (window_hu)")
+        p = sample_crops_figure(store, out / "fig2_sample_crops.png", window_hu)
         if p is not None:
             figs.append(("Fig 2 — sample crops per class", p))
     return figs

@@ -16,7 +16,6 @@ implementation. Conventions (CONTRACTS.md "Run results"), chosen to match scikit
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -108,10 +107,3 @@ def level_metrics(
         "n": int(n),
         "per_class": per_class,
     }
-
-
-def finite_or_none(x: float | None) -> float | None:
-    """JSON has no NaN: map NaN/inf to ``None`` (used when writing metrics.json)."""
-    if x is None or not math.isfinite(float(x)):
-        return None
-    return float(x)

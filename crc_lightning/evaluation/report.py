@@ -1,7 +1,7 @@
 """The experiment report of a sweep: Tables III/IV, 5-vs-3 classes, Hamming loss, significance, figures.
 
 Input: job folders written by ``python -m crc_lightning.run`` (``metrics.json`` + ``predictions.csv``,
-CONTRACTS.md "Run results"). Output, in one folder: ``report.md``, one CSV per table, PNG figures.
+README "What each stage writes"). Output, in one folder: ``report.md``, one CSV per table, PNG figures.
 
 Conventions (also written into report.md):
 
@@ -23,7 +23,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from crc_lightning.evaluation.stats import (
     permutation_auc_test,
 )
 from crc_lightning.io.errors import InputError
+from crc_lightning.io.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,6 @@ class Job:
     classes: tuple[str, ...]
     weights: str
     metrics: dict[str, Any]
-    wandb: dict[str, Any] | None = field(default=None)
 
     @property
     def predictions(self) -> Path:
@@ -114,20 +114,6 @@ def find_job_dirs(sweep: str | Path | Sequence[str | Path]) -> list[Path]:
     return sorted(jobs)
 
 
-def _wandb_conf(job_dir: Path) -> dict[str, Any] | None:
-    cfg_file = job_dir / ".hydra" / "config.yaml"
-    if not cfg_file.is_file():
-        return None
-    from omegaconf import OmegaConf
-
-    try:
-        cfg = OmegaConf.load(cfg_file)
-        node = OmegaConf.select(cfg, "logger.wandb")
-        return None if node is None else dict(OmegaConf.to_container(node, resolve=False))
-    except Exception:  # a config we cannot read only disables W&B logging
-        return None
-
-
 def load_job(job_dir: str | Path) -> Job:
     """Read one job's metrics.json; a malformed file is an :class:`InputError` naming it."""
     job_dir = Path(job_dir)
@@ -149,7 +135,6 @@ def load_job(job_dir: str | Path) -> Job:
         classes=tuple(str(c) for c in m["classes"]),
         weights=str(weights),
         metrics=m["metrics"],
-        wandb=_wandb_conf(job_dir),
     )
 
 
@@ -399,10 +384,7 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> Path:
-    tmp = path.with_name(f".tmp-{path.name}")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, df.to_csv(index=False))
 
 
 LEGEND = """\
@@ -444,9 +426,12 @@ def report_from_jobs(
     focus_class: str = "RAS",
     store: str | Path | None = None,
     figure_level: str = "lesion",
-    wandb: bool = True,
+    window: tuple[float, float] | None = None,
 ) -> Path:
-    """Write report.md, the table CSVs and figures of these job folders into ``out_dir``."""
+    """Write report.md, the table CSVs and figures of these job folders into ``out_dir``.
+
+    ``window`` = (width, level) of the CT window for the sample-crops figure (with ``store``).
+    """
     from crc_lightning.evaluation import figures
 
     jobs = _dedupe([load_job(d) for d in job_dirs])
@@ -471,6 +456,7 @@ def report_from_jobs(
             "demo numbers, not results.\n"
         )
     md.append(LEGEND.format(ci=ci, focus=focus_class))
+    _write_csv(summary, out / "summary.csv")
     csvs = {}
     for name, (title, metrics) in TABLES.items():
         sub = summary[summary["metric"].isin(metrics)]
@@ -506,68 +492,13 @@ def report_from_jobs(
         out,
         level=figure_level if figure_level in levels else levels[0],
         store=store,
+        window_hu=window,
     )
     md.append("## Figures\n")
     for title, path in figs:
         md.append(f"### {title}\n\n![{title}]({path.name})\n")
-    report = out / "report.md"
-    tmp = out / ".tmp-report.md"
-    tmp.write_text("\n".join(md))
-    os.replace(tmp, report)
-    if wandb:
-        _log_wandb(jobs, summary, perm, paired, out)
+    report = write_atomic(out / "report.md", "\n".join(md))
     return report
-
-
-def _log_wandb(
-    jobs: Sequence[Job],
-    summary: pd.DataFrame,
-    perm: pd.DataFrame,
-    paired: pd.DataFrame,
-    out_dir: Path,
-) -> None:
-    """Summary tables to one W&B run (job_type="report") when the jobs logged to W&B; no ids/paths."""
-    confs = [j.wandb for j in jobs if j.wandb]
-    if not confs:
-        return
-    conf = confs[0]
-    try:
-        import wandb
-    except ImportError:
-        log.warning("logger.wandb configured but wandb is not installed; W&B report skipped")
-        return
-    mode = "online" if os.environ.get("WANDB_MODE") == "online" else "offline"
-    kwargs = {k: conf[k] for k in ("project", "entity", "group") if isinstance(conf.get(k), str)}
-    from crc_lightning.loggers import PRIVATE_SETTINGS  # no argv, paths, code or console
-
-    run = wandb.init(
-        job_type="report",
-        mode=mode,
-        reinit=True,
-        dir=str(out_dir),
-        settings=wandb.Settings(**PRIVATE_SETTINGS),
-        **kwargs,
-    )
-    try:
-        keep = [
-            *GROUP,
-            "level",
-            "focus",
-            "metric",
-            "mean",
-            "ci_half",
-            "n",
-            "prevalence",
-            "baseline",
-            "dagger",
-        ]
-        run.log({"report/summary": wandb.Table(dataframe=summary[keep])})
-        if not perm.empty:
-            run.log({"report/permutation": wandb.Table(dataframe=perm)})
-        if not paired.empty:
-            run.log({"report/paired": wandb.Table(dataframe=paired)})
-    finally:
-        run.finish()
 
 
 def default_out_dir(job_dirs: Sequence[Path], sweeps: Sequence[str | Path]) -> Path:

@@ -6,8 +6,10 @@
 * a folder → a DICOM series (pydicom), slices ordered along their normal, values in HU;
 * (masks only) a DICOM file → a DICOM SEG (highdicom), segments → instance values 1..n.
 
-Anything else is refused with an :class:`InputError` naming the path. Heavy libraries are imported
-inside the functions so ``import crc_lightning.io`` stays cheap.
+Anything else is refused with an :class:`InputError` naming the path. The writers
+(:func:`write_nifti`, :func:`write_dicom_series`, :func:`write_dicom_seg`) give back exactly what the
+readers read. Heavy libraries (nibabel, pydicom, highdicom) are imported inside the functions of
+those modules, so ``import crc_lightning.io`` stays cheap.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
+from crc_lightning.io.dicom import (
+    is_dicom_file,
+    read_dicom_mask_series,
+    read_dicom_series,
+    write_dicom_series,
+)
 from crc_lightning.io.errors import InputError, ManifestError
+from crc_lightning.io.nifti import is_nifti_path, read_nifti, write_nifti
+from crc_lightning.io.seg import read_dicom_seg, write_dicom_seg
 from crc_lightning.io.volume import Volume, check_same_grid
 
 __all__ = [
@@ -38,9 +48,6 @@ _EXPECTED = "expected a .nii/.nii.gz file or a DICOM series folder"
 
 def read_image(path: str | Path) -> Volume:
     """Read a CT image (NIfTI file or DICOM series folder) as float32 HU on its grid."""
-    from crc_lightning.io.dicom import is_dicom_file, read_dicom_series
-    from crc_lightning.io.nifti import is_nifti_path, read_nifti
-
     path = Path(path)
     if not path.exists():
         raise InputError(path, "image not found")
@@ -62,10 +69,6 @@ def read_mask(path: str | Path, reference: Volume | None = None) -> Volume:
     when given. With ``reference``, the grid must match (:func:`check_same_grid`, plus the origin
     within 0.1 voxel).
     """
-    from crc_lightning.io.dicom import is_dicom_file, read_dicom_mask_series
-    from crc_lightning.io.nifti import is_nifti_path, read_nifti
-    from crc_lightning.io.seg import read_dicom_seg
-
     path = Path(path)
     if not path.exists():
         raise InputError(path, "mask not found")
@@ -97,37 +100,3 @@ def _check_same_origin(image: Volume, mask: Volume) -> None:
             f"mask origin {mask.origin} differs from image origin {image.origin} by "
             f"{np.linalg.norm(shift):.3f} mm (> {tol:.3f} mm) (image {image.source or 'image'})",
         )
-
-
-def write_nifti(volume: Volume, path: str | Path) -> Path:
-    """Write a volume as NIfTI; see :func:`crc_lightning.io.nifti.write_nifti`."""
-    from crc_lightning.io.nifti import write_nifti as _write
-
-    return _write(volume, path)
-
-
-def write_dicom_series(
-    volume: Volume,
-    folder: str | Path,
-    patient_id: str,
-    series_uid: str | None = None,
-    rescale: tuple[float, float] = (1.0, -1024.0),
-    shuffle_names: bool = False,
-) -> Path:
-    """Write a CT series folder; see :func:`crc_lightning.io.dicom.write_dicom_series`."""
-    from crc_lightning.io.dicom import write_dicom_series as _write
-
-    return _write(volume, folder, patient_id, series_uid, rescale, shuffle_names)
-
-
-def write_dicom_seg(
-    mask_volume: Volume,
-    image_folder: str | Path,
-    path: str | Path,
-    segment_labels: list[str],
-    series_uid: str | None = None,
-) -> Path:
-    """Write a BINARY DICOM SEG; see :func:`crc_lightning.io.seg.write_dicom_seg`."""
-    from crc_lightning.io.seg import write_dicom_seg as _write
-
-    return _write(mask_volume, image_folder, path, segment_labels, series_uid)

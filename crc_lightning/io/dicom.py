@@ -21,9 +21,6 @@ step: ``max(SLICE_ATOL_MM, SLICE_RTOL × median step)`` = max(0.01 mm, 1 %). A s
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from crc_lightning.io.errors import InputError
+from crc_lightning.io.files import atomic_dir, series_files
 from crc_lightning.io.volume import Volume
 
 SLICE_ATOL_MM = 0.01  # absolute tolerance on a slice step (mm)
@@ -56,7 +54,7 @@ def _read_slices(folder: Path) -> list[_Slice]:
     if not folder.is_dir():
         raise InputError(folder, "DICOM series folder not found")
     slices: list[_Slice] = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+    for path in series_files(folder):
         try:
             ds = pydicom.dcmread(path)
         except InvalidDicomError:
@@ -355,10 +353,7 @@ def write_dicom_series(
     origin = np.asarray(volume.origin, dtype=float)
     iop = [_ds(v) for v in (*d[:, 0], *d[:, 1])]
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
-    tmp.mkdir()
-    try:
+    with atomic_dir(folder) as tmp:
         for k in range(nz):
             sop_uid = _uid(series_uid, "slice", k)
             meta = FileMetaDataset()
@@ -414,10 +409,4 @@ def write_dicom_series(
                 little_endian=True,
                 enforce_file_format=True,
             )
-        if folder.exists():
-            folder.rmdir()  # empty (checked above); os.replace needs the name free or empty
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return folder

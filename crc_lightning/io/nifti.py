@@ -15,13 +15,12 @@ same origin, spacing and direction.
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from crc_lightning.io.errors import InputError
+from crc_lightning.io.files import atomic_path
 from crc_lightning.io.volume import Volume
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -129,8 +128,7 @@ def write_nifti(volume: Volume, path: str | Path) -> Path:
     """Write ``volume`` as a NIfTI file (``.nii`` or ``.nii.gz``) that :func:`read_nifti` reads back
     exactly (values, spacing, origin, direction).
 
-    The file is written to a temporary name beside ``path`` and renamed into place, so a crash never
-    leaves a half-written file under the final name. Both qform and sform carry the affine (code 1,
+    Written atomically (:func:`crc_lightning.io.files.atomic_path`). Both qform and sform carry the affine (code 1,
     scanner), so readers that prefer either agree.
     """
     import nibabel as nib
@@ -151,13 +149,6 @@ def write_nifti(volume: Volume, path: str | Path) -> Path:
     img.set_sform(affine, code=1)
     img.header["scl_slope"] = 1.0
     img.header["scl_inter"] = 0.0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp{suffix}"
-    try:
+    with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

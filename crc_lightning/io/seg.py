@@ -13,13 +13,12 @@ highdicom is imported inside the functions so ``import crc_lightning.io`` stays 
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from crc_lightning.io.errors import InputError
+from crc_lightning.io.files import atomic_path
 from crc_lightning.io.volume import Volume, check_same_grid
 
 GRID_ATOL_MM = 1e-2  # origin mismatch tolerated between a mask and its image series
@@ -167,12 +166,6 @@ def write_dicom_seg(
         )
     except Exception as exc:
         raise InputError(path, f"cannot build DICOM SEG ({type(exc).__name__}: {exc})") from exc
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
+    with atomic_path(path) as tmp:
         seg.save_as(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

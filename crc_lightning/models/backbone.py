@@ -9,13 +9,13 @@ gray CT.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
-import torch
 from torch import nn
+
+from crc_lightning.io.files import sha256_file
 
 WEIGHT_CHOICES = ("imagenet", "simclr", "none")
 
@@ -34,14 +34,6 @@ class WeightsInfo:
 
     def as_dict(self) -> dict:
         return {"init": self.init, "file": self.file, "sha256": self.sha256}
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _cached_imagenet_file(name: str) -> Path | None:
@@ -111,20 +103,10 @@ def create_backbone(
         model = timm.create_model(
             name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
         )
-        return model, WeightsInfo("imagenet", str(path), file_sha256(path))
+        return model, WeightsInfo("imagenet", str(path), sha256_file(path))
     model = timm.create_model(name, pretrained=False, **kwargs)
     return model, WeightsInfo(weights)
 
 
 def feature_dim(model: nn.Module) -> int:
     return int(model.num_features)
-
-
-@torch.no_grad()
-def feature_grid(model: nn.Module, in_chans: int, res: int) -> tuple[int, int]:
-    """Spatial size (h, w) of ``forward_features`` at input resolution ``res``."""
-    was_training = model.training
-    model.eval()
-    out = model.forward_features(torch.zeros(1, in_chans, res, res))
-    model.train(was_training)
-    return int(out.shape[-2]), int(out.shape[-1])

@@ -20,13 +20,10 @@ guesses preprocessing, it reads it from the checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import pickle
 import struct
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,6 +33,7 @@ import torch
 from torch import nn
 
 from crc_lightning.io.errors import InputError
+from crc_lightning.io.files import atomic_path, sha256_file
 
 __all__ = [
     "FORMAT",
@@ -60,14 +58,6 @@ class CheckpointError(InputError):
 
 
 # --------------------------------------------------------------------------- reading
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -139,7 +129,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             )
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(path, "state_dict holds values that are not tensors")
-    card["source"] = {"file": path.name, "sha256": _sha256(path)}
+    card["source"] = {"file": path.name, "sha256": sha256_file(path)}
     return state, card
 
 
@@ -316,7 +306,7 @@ def export_model(module: nn.Module, path: str | Path) -> Path:
     """Write ``module`` (a MutationClassifier) as a weights-only-safe ``.safetensors`` file.
 
     The model card (from its hyper-parameters) goes into the safetensors header as JSON, with the
-    package version doing the export. Written atomically (temporary file + ``os.replace``).
+    package version doing the export. Written atomically (:func:`~crc_lightning.io.files.atomic_path`).
     """
     from safetensors.torch import save_file
 
@@ -330,15 +320,8 @@ def export_model(module: nn.Module, path: str | Path) -> Path:
     card.pop("source", None)
     card["exported_with"] = str(__version__)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={SAFETENSORS_META_KEY: json.dumps(card)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={SAFETENSORS_META_KEY: json.dumps(card)})
     return path
 
 

@@ -8,8 +8,8 @@ attention + ReLU over the spatial tokens) sits before the FC layer; see ``conf/v
 Optimizer and scheduler come from the config as partials (``_partial_: true``) so they are swapped
 without code. The checkpoint is self-describing: class names, label set, resolution, CT window,
 preprocessing parameters, variant and weight provenance are in its hyper-parameters, and
-:meth:`MutationClassifier.from_checkpoint` rebuilds the model from them without needing the
-ImageNet/SimCLR file that training started from.
+:func:`crc_lightning.models.checkpoint.load_model` rebuilds the model from them (weights-only,
+strict) without needing the ImageNet/SimCLR file that training started from.
 """
 
 from __future__ import annotations
@@ -25,21 +25,19 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torchmetrics.classification import MultilabelAUROC
 
+from crc_lightning.io.files import sha256_file
 from crc_lightning.models.attention import make_pool
 from crc_lightning.models.backbone import (
     WeightsInfo,
     WeightsNotFoundError,
     create_backbone,
     feature_dim,
-    file_sha256,
 )
-from crc_lightning.models.simclr import load_simclr_weights
+from crc_lightning.models.simclr import load_simclr_weights, pretrain_command, simclr_weights_name
 
 log = logging.getLogger(__name__)
 
 __all__ = ["MutationClassifier", "load_simclr_into"]
-
-DEFAULT_PRETRAIN_HINT = "python -m crc_lightning.pretrain res=<res>"
 
 
 def _plain(value: Any) -> Any:
@@ -53,25 +51,31 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def simclr_file(
+    weights_file: str | Path | None, weights_dir: str | Path | None, res: int, attention: bool
+) -> Path | None:
+    """The SimCLR checkpoint a classifier loads: ``weights_file`` if given, else
+    ``<weights_dir>/simclr_res<res>[_sa].ckpt`` (what ``python -m crc_lightning.pretrain`` writes)."""
+    if weights_file:
+        return Path(weights_file).expanduser()
+    if weights_dir:
+        return Path(weights_dir).expanduser() / simclr_weights_name(res, attention)
+    return None
+
+
 def load_simclr_into(
-    backbone: nn.Module,
-    pool: nn.Module,
-    weights_file: str | Path | None,
-    res: int,
-    attention: bool,
-    pretrain_hint: str = DEFAULT_PRETRAIN_HINT,
+    backbone: nn.Module, pool: nn.Module, path: Path | None, res: int, attention: bool
 ) -> WeightsInfo:
     """Load the SimCLR checkpoint into ``backbone`` (and the SA ``pool``); never falls back silently.
 
     A missing checkpoint raises :class:`WeightsNotFoundError` naming the
     command that makes the checkpoint.
     """
-    path = Path(weights_file).expanduser() if weights_file else None
     if path is None or not path.is_file():
         raise WeightsNotFoundError(
-            f"model.backbone.weights=simclr needs a SimCLR checkpoint, but "
-            f"model.backbone.weights_file={path} does not exist. Make it with `{pretrain_hint}`, "
-            f"or pass model.backbone.weights_file=/path/to/simclr.ckpt, or use variant=baseline."
+            f"model.backbone.weights=simclr needs a SimCLR checkpoint, but {path} does not exist. "
+            f"Make it with `{pretrain_command(res, attention)}`, or pass "
+            "model.backbone.weights_file=/path/to/simclr.ckpt, or use variant=baseline."
         )
 
     bb_state, pool_state, _meta = load_simclr_weights(path, res, attention)
@@ -83,13 +87,15 @@ def load_simclr_into(
             log.warning(
                 "SimCLR checkpoint %s holds no attention block: SA starts random", path.name
             )
-    return WeightsInfo("simclr", str(path), file_sha256(path))
+    return WeightsInfo("simclr", str(path), sha256_file(path))
 
 
 class MutationClassifier(L.LightningModule):
     """Backbone → pool (global average, or spatial self-attention + ReLU) → dropout → FC (C logits).
 
-    ``backbone``: ``{name, weights: imagenet|simclr|none, weights_file, drop_path_rate, pretrain_hint}``.
+    ``backbone``: ``{name, weights: imagenet|simclr|none, weights_file, imagenet_file, weights_dir,
+    drop_path_rate}``. ``weights_file`` is the file of the chosen init; when null, ImageNet weights
+    come from ``imagenet_file`` or the timm/HF cache, SimCLR weights from ``weights_dir`` by name.
     ``meta``: facts about the data the model was trained on (res, label set, window, preprocessing
     parameters, variant, ...), stored in the checkpoint for the predict app.
     """
@@ -116,8 +122,9 @@ class MutationClassifier(L.LightningModule):
         bb.setdefault("name", "efficientnet_b0")
         bb.setdefault("weights", "imagenet")
         bb.setdefault("weights_file", None)
+        bb.setdefault("imagenet_file", None)
+        bb.setdefault("weights_dir", None)
         bb.setdefault("drop_path_rate", 0.0)
-        bb.setdefault("pretrain_hint", DEFAULT_PRETRAIN_HINT)
         class_names = [str(c) for c in class_names]
         if not class_names:
             raise ValueError("class_names is empty")
@@ -130,20 +137,16 @@ class MutationClassifier(L.LightningModule):
             name=str(bb["name"]),
             in_chans=int(in_chans),
             weights="none" if weights == "simclr" else weights,
-            weights_file=bb["weights_file"] if weights == "imagenet" else None,
+            weights_file=(bb["weights_file"] or bb["imagenet_file"])
+            if weights == "imagenet"
+            else None,
             drop_path_rate=float(bb["drop_path_rate"]),
         )
         dim = feature_dim(self.backbone)
         self.pool = make_pool(dim, bool(attention), int(num_heads), float(attention_dropout))
         if weights == "simclr":
-            info = load_simclr_into(
-                self.backbone,
-                self.pool,
-                bb["weights_file"],
-                int(res),
-                bool(attention),
-                str(bb["pretrain_hint"]),
-            )
+            path = simclr_file(bb["weights_file"], bb["weights_dir"], int(res), bool(attention))
+            info = load_simclr_into(self.backbone, self.pool, path, int(res), bool(attention))
         self.dropout = nn.Dropout(float(dropout))
         self.fc = nn.Linear(dim, len(class_names))
         self.criterion = nn.BCEWithLogitsLoss()
@@ -236,10 +239,6 @@ class MutationClassifier(L.LightningModule):
         }
         self._test_buffer = []
 
-    def predict_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        prob = torch.sigmoid(self(batch["image"]))
-        return {"index": batch.get("index"), "prob": prob}
-
     # ---- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         if self._optimizer_factory is None:
@@ -256,15 +255,3 @@ class MutationClassifier(L.LightningModule):
                 "interval": "epoch",
             },
         }
-
-    # ---- loading -----------------------------------------------------------------------------
-    @classmethod
-    def from_checkpoint(
-        cls, path: str | Path, map_location: str | torch.device = "cpu"
-    ) -> MutationClassifier:
-        """Rebuild a trained model from its checkpoint alone (no ImageNet/SimCLR file needed)."""
-        ckpt = torch.load(Path(path), map_location=map_location, weights_only=True)
-        hp = dict(ckpt["hyper_parameters"])
-        model = cls(**hp, init_weights=False)
-        model.load_state_dict(ckpt["state_dict"], strict=True)
-        return model.eval()

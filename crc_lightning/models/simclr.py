@@ -17,11 +17,10 @@ backbone.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
 import pickle
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,9 @@ import lightning.pytorch as L
 import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
-from torch import nn
 
 from crc_lightning.io.errors import InputError
+from crc_lightning.io.files import write_atomic
 from crc_lightning.models.attention import make_pool
 from crc_lightning.models.backbone import WeightsNotFoundError, create_backbone, feature_dim
 
@@ -51,7 +50,8 @@ FORMAT = "crc_lightning.simclr/1"
 
 
 def simclr_weights_name(res: int, attention: bool) -> str:
-    """``simclr_res<res>.ckpt`` or ``simclr_res<res>_sa.ckpt`` (what conf/variant/oodp*.yaml expect)."""
+    """``simclr_res<res>.ckpt`` or ``simclr_res<res>_sa.ckpt``: the file ``variant=oodp|oodp_sa``
+    reads from ``paths.weights_dir`` by default."""
     return f"simclr_res{int(res)}{'_sa' if attention else ''}.ckpt"
 
 
@@ -201,17 +201,9 @@ def export_simclr_weights(module: SimCLRModule, path: str | Path, meta: Mapping[
     if missing:
         raise ValueError(f"SimCLR weights metadata lacks {sorted(missing)}")
     payload = {"format": FORMAT, "state_dict": module.export_state(), "meta": _jsonable(meta)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return write_atomic(path, buffer.getvalue())
 
 
 def load_simclr_weights(
@@ -271,10 +263,3 @@ def load_simclr_weights(
     if attention and not pool:
         raise InputError(path, f"SimCLR weights file has no attention block; make it with `{cmd}`")
     return backbone, (pool or None), meta
-
-
-def fresh_encoder(meta: Mapping[str, Any]) -> tuple[nn.Module, nn.Module]:
-    """A random-init (backbone, pool) with the architecture recorded in ``meta`` (for strict loads)."""
-    backbone, _ = create_backbone(str(meta["backbone"]), int(meta["in_chans"]), "none")
-    pool = make_pool(feature_dim(backbone), bool(meta["attention"]), int(meta.get("num_heads", 8)))
-    return backbone, pool

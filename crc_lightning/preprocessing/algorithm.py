@@ -2,8 +2,10 @@
 
 Step by step, for one CT volume and its lesion mask:
 
-1. :func:`lesion_labels` — a binary mask becomes its 26-connected components numbered 1..n; an
-   instance mask keeps its values (one value = one lesion).
+1. :func:`~crc_lightning.io.lesions.lesion_labels` — a binary mask becomes its 26-connected
+   components numbered 1..n; an instance mask keeps its values (one value = one lesion). That rule
+   is the project's one definition of lesion ids, so it lives in ``crc_lightning.io.lesions``,
+   shared with manifest validation and ``predict``.
 2. :func:`clean_slices` — each lesion's annotation is cleaned slice by slice with a 2D morphological
    opening (erosion then dilation), removing specks and thin bridges left by 3D annotation tools.
 3. :func:`select_slices` — a slice is kept when its cleaned area is at least ``epsilon`` times the
@@ -13,9 +15,9 @@ Step by step, for one CT volume and its lesion mask:
    padding outside the volume with air (-1024 HU), and :func:`to_square_pixels` resamples
    anisotropic pixels so every stored crop is square in pixels *and* in millimetres.
 
-The HU → grey window (width 400, level 40) is applied when crops are read (``data.store.window``), so
-it is only recorded here. Everything works inside each lesion's bounding box
-(``scipy.ndimage.find_objects``) and, for the crop, inside the crop window of one slice: nothing
+The HU → grey window (the ``input.window`` config node, width 400 / level 40) is applied when crops
+are read (:func:`crc_lightning.data.inputs.window`), not here: the store keeps HU. Everything works
+inside each lesion's bounding box (``scipy.ndimage.find_objects``) and, for the crop, inside the crop window of one slice: nothing
 copies the full volume per lesion.
 """
 
@@ -27,6 +29,8 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from crc_lightning.io.lesions import lesion_labels_in_box, nonzero_box
+
 __all__ = [
     "Crop",
     "LesionStats",
@@ -35,9 +39,6 @@ __all__ = [
     "clean_slices",
     "extract_crop",
     "lesion_boxes",
-    "lesion_labels",
-    "lesion_labels_in_box",
-    "nonzero_box",
     "preprocess_scan",
     "preprocess_volume",
     "select_slices",
@@ -50,6 +51,7 @@ __all__ = [
 _EPS_RTOL = 1e-9  # a_s == ε·μ up to float rounding counts as "at the threshold" (included)
 _SPACING_RTOL = 1e-6  # sy, sx closer than this are treated as square pixels
 _INT16 = np.iinfo(np.int16)
+_LEGACY_KEYS = ("window_width", "window_level")
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,6 @@ class PreprocessParams:
     min_area_mm2: float = 0.0
     border_mm: float = 10.0
     pad_hu: int = -1024
-    window_width: float = 400.0
-    window_level: float = 40.0
 
     def __post_init__(self) -> None:
         if self.connectivity not in (6, 18, 26):
@@ -89,13 +89,15 @@ class PreprocessParams:
             )
         if self.border_mm < 0 or self.min_area_mm2 < 0:
             raise ValueError("preprocess.border_mm and preprocess.min_area_mm2 must be ≥ 0")
-        if self.window_width <= 0:
-            raise ValueError(f"preprocess.window_width must be > 0, got {self.window_width}")
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> PreprocessParams:
-        """Build from a config mapping; an unknown key is an error (a typo must not be ignored)."""
-        cfg = dict(cfg)
+        """Build from a config mapping; an unknown key is an error (a typo must not be ignored).
+
+        ``window_width`` / ``window_level`` are dropped: stores and checkpoints of version 0.1
+        recorded the CT window here; it is a read-time setting (the ``input.window`` node).
+        """
+        cfg = {k: v for k, v in dict(cfg).items() if k not in _LEGACY_KEYS}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(cfg) - set(known))
         if unknown:
@@ -144,80 +146,6 @@ class LesionStats:
 
 
 # --------------------------------------------------------------------------- step 1: lesions
-
-
-def nonzero_box(array: np.ndarray) -> tuple[slice, slice, slice] | None:
-    """The bounding box of all non-zero voxels of a [z, y, x] array, or None if there are none.
-
-    Three cheap ``any`` reductions (the second and third only over the occupied slab), so that
-    labelling and ``find_objects`` can run on the small region holding the lesions.
-    """
-    z = np.flatnonzero(array.reshape(array.shape[0], -1).any(axis=1))
-    if z.size == 0:
-        return None
-    slab = array[z[0] : z[-1] + 1]
-    y = np.flatnonzero(slab.any(axis=(0, 2)))
-    x = np.flatnonzero(slab.any(axis=(0, 1)))
-    return tuple(slice(int(a[0]), int(a[-1]) + 1) for a in (z, y, x))  # type: ignore[return-value]
-
-
-def lesion_labels(mask: np.ndarray, connectivity: int = 26) -> np.ndarray:
-    """Turn a raw lesion mask into a lesion label map (int32, 0 = background).
-
-    * binary mask (values ⊆ {0, 1}, any dtype incl. bool) → the ``connectivity``-connected
-      components (cc3d), numbered 1..n in C raster order ([z, y, x]) of their first voxel, the
-      numbering ``scipy.ndimage.label`` gives — so a lesion's number is reproducible from the mask;
-    * instance mask (any other non-negative whole values) → kept as is: the annotator's values are
-      the lesion ids the manifest's ``lesion`` column refers to.
-
-    Why cc3d: several times faster than ``scipy.ndimage.label``. Only the bounding box of the
-    non-zero voxels is labelled (raster order of first voxels is unchanged by the shift), and
-    min/max are taken there — ``np.unique`` would sort the whole volume.
-    """
-    inner, box = lesion_labels_in_box(mask, connectivity)
-    if box is None:
-        return np.zeros(np.shape(mask), np.int32)
-    if inner.shape == np.shape(mask):
-        return inner
-    out = np.zeros(np.shape(mask), np.int32)
-    out[box] = inner  # np.zeros is calloc: pages outside the box are never touched
-    return out
-
-
-def lesion_labels_in_box(
-    mask: np.ndarray, connectivity: int = 26
-) -> tuple[np.ndarray, tuple[slice, slice, slice] | None]:
-    """:func:`lesion_labels` of the bounding box of all non-zero voxels only: (labels, box).
-
-    ``labels`` is the int32 label map of ``mask[box]`` (a view for an int32 instance mask), so no
-    full-size array is allocated; ``box`` is None (and ``labels`` empty) when the mask is empty.
-    Component numbers equal those of the full volume: the raster order of first voxels does not
-    change under a shift.
-    """
-    import cc3d
-
-    mask = np.asarray(mask)
-    if mask.ndim != 3:
-        raise ValueError(f"lesion_labels expects a 3D mask, got shape {mask.shape}")
-    if mask.dtype == bool:
-        mask = mask.view(np.uint8)
-    box = nonzero_box(mask) if mask.size else None
-    if box is None:
-        return np.zeros((0, 0, 0), np.int32), None
-    inner = mask[box]
-    if mask.dtype.kind == "f" and not np.array_equal(inner, np.round(inner)):
-        raise ValueError("lesion_labels: mask values must be whole numbers")
-    lo, hi = inner.min(), inner.max()
-    if lo < 0:
-        raise ValueError(f"lesion_labels: mask values must be non-negative (min {lo})")
-    if hi > np.iinfo(np.int32).max:
-        raise ValueError(f"lesion_labels: mask value {hi} does not fit int32")
-    if hi > 1:
-        return inner.astype(np.int32, copy=False), box
-    # C-contiguous input → cc3d numbers components in the same raster order as scipy.
-    binary = np.ascontiguousarray(inner, dtype=np.uint8)
-    comps = cc3d.connected_components(binary, connectivity=connectivity, out_dtype=np.uint32)
-    return comps.view(np.int32), box
 
 
 def lesion_boxes(labels: np.ndarray) -> dict[int, tuple[slice, slice, slice]]:

@@ -1,0 +1,209 @@
+"""``python -m crc_lightning.predict``: per-lesion mutation probabilities for new patients.
+
+A thin Hydra shell over :func:`predict`; the predictor itself is :mod:`crc_lightning.inference`.
+For one patient (``image=`` + ``mask=``) or a manifest of many (``manifest=``, streamed one patient
+at a time):
+
+1. the checkpoint is loaded safely (:func:`crc_lightning.models.checkpoint.load_model`: weights-only,
+   never arbitrary pickles) with its model card — Algorithm 1 parameters, CT window, resolution and
+   input normalisation are *read from it*, so prediction repeats the training preprocessing exactly;
+   explicitly given expectations (``res=``, ``window.width=``, ``preprocess.epsilon=`` …) that
+   disagree with it are refused;
+2. each scan is predicted (:func:`~crc_lightning.inference.predictor.predict_volumes`);
+   ``predictions.csv`` gets one row per lesion (``patient_id,lesion,n_slices,p_<CLASS>...``),
+   ``predictions_slices.csv`` one row per included slice; both are written patient by patient into
+   temporary files that replace the outputs only when all patients are done, so memory does not
+   grow with the cohort and a failed run leaves nothing half-written;
+3. optionally a saliency PNG per lesion.
+
+``--info`` (or ``info=true``) prints what the checkpoint describes and stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from crc_lightning.apps._hydra import CONF_DIR, run_app
+from crc_lightning.inference.predictor import (
+    LESION_ID_COLUMNS,
+    SLICE_ID_COLUMNS,
+    CsvAppender,
+    format_info,
+    manifest_patients,
+    predict_volumes,
+    single_patient,
+)
+from crc_lightning.io.files import write_json
+from crc_lightning.models.checkpoint import check_expectations, load_model
+
+log = logging.getLogger(__name__)
+
+__all__ = ["expectations_from_config", "main", "predict", "rewrite_argv"]
+
+_EXPECTATION_KEYS = ("res", "window", "normalize", "preprocess")
+
+
+def _fmt_p(x: float) -> str:
+    return "  -  " if not np.isfinite(x) else f"{x:.3f}"
+
+
+def _patient_table(lesions: pd.DataFrame, classes: list[str]) -> Any:
+    from rich.table import Table
+
+    pid = lesions["patient_id"].iat[0] if len(lesions) else ""
+    table = Table(title=f"patient {pid}", title_justify="left")
+    table.add_column("lesion", justify="right")
+    table.add_column("slices", justify="right")
+    for c in classes:
+        table.add_column(f"p({c})", justify="right")
+    table.add_column("most likely")
+    for _, r in lesions.iterrows():
+        p = np.array([r[f"p_{c}"] for c in classes], dtype=float)
+        best = classes[int(np.argmax(p))] if r["n_slices"] > 0 else "no slice passed Algorithm 1"
+        table.add_row(str(r["lesion"]), str(r["n_slices"]), *map(_fmt_p, p), best)
+    return table
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def expectations_from_config(cfg: DictConfig) -> dict[str, Any]:
+    """The explicitly given expectations (``res``, ``window.*``, ``normalize.*``,
+    ``preprocess.*``) — null entries dropped; see :func:`check_expectations`."""
+    out: dict[str, Any] = {}
+    for key in _EXPECTATION_KEYS:
+        value = cfg.get(key)
+        if value is None:
+            continue
+        value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if v is not None}
+            if not value:
+                continue
+        out[key] = value
+    return out
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(file=sys.stdout, width=max(100, Console().width))
+
+
+def _require(cfg: DictConfig, key: str, hint: str) -> Path:
+    value = cfg.get(key)
+    if value in (None, ""):
+        raise ValueError(f"`{key}=` is required: {hint}")
+    return Path(str(value)).expanduser()
+
+
+def predict(cfg: DictConfig) -> dict[str, Any]:
+    """Run the predict app on a composed config; returns a summary (no patient ids).
+
+    ``info=true``: print the checkpoint's model card and return it (nothing written).
+    """
+    torch.set_flush_denormal(True)  # as in run: denormal activations slow CPU inference ~10×
+    ckpt = _require(cfg, "checkpoint", "a .ckpt from `python -m crc_lightning.run` or an export")
+    model, card = load_model(ckpt, device=_device(str(cfg.get("device", "auto"))))
+    check_expectations(card, expectations_from_config(cfg), ckpt)
+    console = _console()
+    if bool(cfg.get("info", False)):
+        console.print(format_info(card))
+        return {"info": card}
+
+    manifest, image = cfg.get("manifest"), cfg.get("image")
+    if manifest and (image or cfg.get("mask")):
+        raise ValueError("give either `manifest=` or `image=` + `mask=`, not both")
+    if manifest:
+        patients = manifest_patients(Path(str(manifest)).expanduser(), card)
+    else:
+        image = _require(cfg, "image", "the CT (NIfTI file or DICOM series folder), or manifest=")
+        mask = _require(
+            cfg, "mask", "the lesion mask (NIfTI, DICOM SEG file or DICOM series folder)"
+        )
+        patients = [single_patient(image, mask, cfg.get("patient_id"))]
+
+    out_dir = Path(str(cfg.paths.output_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classes = [str(c) for c in card["class_names"]]
+    pcols = [f"p_{c}" for c in classes]
+    saliency_dir = out_dir / "saliency" if bool(cfg.get("saliency", True)) else None
+    kwargs = {
+        "batch_size": int(cfg.get("batch_size", 64)),
+        "saliency_dir": saliency_dir,
+        "saliency_class": cfg.get("saliency_class"),
+    }
+    t0 = time.perf_counter()
+    n_lesions = n_slices = 0
+    pngs_before = (
+        set(saliency_dir.glob("*.png")) if saliency_dir and saliency_dir.is_dir() else set()
+    )
+    with (
+        CsvAppender(out_dir / "predictions.csv", [*LESION_ID_COLUMNS, *pcols]) as lesion_out,
+        CsvAppender(out_dir / "predictions_slices.csv", [*SLICE_ID_COLUMNS, *pcols]) as slice_out,
+    ):
+        try:
+            for i, patient in enumerate(patients, 1):
+                image_vol, mask_vol = patient.load()
+                lesions, slices = predict_volumes(
+                    model, card, image_vol, mask_vol, patient.patient_id, **kwargs
+                )
+                del image_vol, mask_vol  # the volumes are the big part; free before the next
+                lesion_out.append(lesions)
+                slice_out.append(slices)
+                n_lesions += len(lesions)
+                n_slices += len(slices)
+                if bool(cfg.get("print_table", True)):
+                    console.print(_patient_table(lesions, classes))
+                log.info("patient %d/%d done", i, len(patients))
+        except BaseException:
+            if saliency_dir is not None and saliency_dir.is_dir():
+                for png in set(saliency_dir.glob("*.png")) - pngs_before:
+                    png.unlink(missing_ok=True)
+            raise
+    summary = {
+        "checkpoint": card,
+        "n_patients": len(patients),
+        "n_lesions": n_lesions,
+        "n_slices": n_slices,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "files": {
+            "lesions": "predictions.csv",
+            "slices": "predictions_slices.csv",
+            "saliency": "saliency/" if saliency_dir is not None else None,
+        },
+    }
+    write_json(out_dir / "predict.json", summary)
+    console.print(
+        f"{len(patients)} patient(s), {n_lesions} lesion(s), {n_slices} slice(s) → {out_dir}"
+    )
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
+def _hydra_main(cfg: DictConfig) -> None:
+    predict(cfg)
+
+
+def rewrite_argv(argv: Sequence[str]) -> list[str]:
+    """``--info`` → ``info=true`` (Hydra treats unknown ``--flags`` as errors)."""
+    return ["info=true" if a == "--info" else a for a in argv]
+
+
+def main() -> None:
+    """Entry point (``python -m crc_lightning.predict``); accepts ``--info``."""
+    run_app("predict", _hydra_main, argv_hook=rewrite_argv)

@@ -1,0 +1,94 @@
+"""The crop-store format: file names, index columns, gene columns and the store's identity.
+
+A crop store is a folder, the only input of ``pretrain`` and ``run``:
+
+* ``cases/<case_hash>.npz`` — the crops of one case (int16 HU, square) plus a :data:`META_KEY` JSON
+  string with the per-crop facts, so a re-run can rebuild the index without reading any CT;
+  ``case_hash`` = sha256 over (input file bytes, mask rule, parameters, package version);
+* :data:`INDEX_FILE` — one row per crop (:data:`INDEX_COLUMNS` + one 0/1 column per gene);
+* :data:`META_FILE` — parameters, input hashes per case, package version, creation time, summary.
+
+This module is the only place these names are spelled; the writer (:mod:`.writer`) and the reader
+(:mod:`.reader`) and everything above them go through it. The store's identity is the sha256 of its
+index: case files are content-addressed and named in the index, so the index bytes identify the
+whole store (:func:`store_hash`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from crc_lightning.io.files import sha256_file
+from crc_lightning.sources.manifest import GENES
+
+__all__ = [
+    "BUILD_HINT",
+    "CASES_DIR",
+    "GENES",
+    "INDEX_COLUMNS",
+    "INDEX_FILE",
+    "META_FILE",
+    "META_KEY",
+    "STORE_FORMAT",
+    "case_file",
+    "is_store",
+    "read_meta",
+    "store_facts",
+    "store_hash",
+]
+
+STORE_FORMAT = 2  # bump when the layout or the meaning of a crop changes (2: window left out)
+INDEX_FILE = "index.parquet"
+META_FILE = "store.json"
+CASES_DIR = "cases"
+META_KEY = "__meta__"
+# GENES (the manifest's gene columns) come first in the index; a cohort's own extra genes follow
+INDEX_COLUMNS: tuple[str, ...] = (
+    "crop_id",
+    "patient_id",
+    "lesion",
+    "lesion_uid",
+    "slice",
+    "area_mm2",
+    "spacing_y",
+    "spacing_x",
+    "size_px",
+    "source",
+    "case_file",
+    "key",
+)
+BUILD_HINT = "build it with `python -m crc_lightning.preprocess data=<synthetic|manifest|lits|...>`"
+
+
+def case_file(case_hash: str) -> str:
+    """The index's ``case_file`` value (relative to the store) of a case."""
+    return f"{CASES_DIR}/{case_hash}.npz"
+
+
+def is_store(store_dir: str | Path) -> bool:
+    """True when ``store_dir`` holds a finished crop store (index and metadata written)."""
+    store = Path(store_dir)
+    return (store / INDEX_FILE).is_file() and (store / META_FILE).is_file()
+
+
+def read_meta(store_dir: str | Path) -> dict[str, Any]:
+    """The store's metadata (``store.json``)."""
+    return json.loads((Path(store_dir) / META_FILE).read_text())
+
+
+def store_hash(store_dir: str | Path) -> str:
+    """Content id of a crop store: sha256 of its index file."""
+    return sha256_file(Path(store_dir) / INDEX_FILE)
+
+
+def store_facts(store_dir: str | Path) -> dict[str, Any]:
+    """Name-free facts about a store, for results and checkpoints: its preprocessing parameters,
+    the package version that wrote it and its content hash."""
+    meta = read_meta(store_dir)
+    return {
+        "params": dict(meta.get("params", {})),
+        "version": meta.get("version"),
+        "hash": store_hash(store_dir),
+    }

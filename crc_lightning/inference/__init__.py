@@ -1,0 +1,1 @@
+"""The predictor behind ``predict`` (:mod:`.predictor`) and saliency maps (:mod:`.saliency`)."""
