@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from crc_lightning.apps._hydra import CONF_DIR, run_app
+from crc_lightning.apps._hydra import CONF_DIR, plain, run_app
 from crc_lightning.inference.predictor import (
     LESION_ID_COLUMNS,
     SLICE_ID_COLUMNS,
@@ -42,6 +42,7 @@ from crc_lightning.inference.predictor import (
     format_info,
     manifest_patients,
     predict_volumes,
+    read_options,
     single_patient,
 )
 from crc_lightning.io.files import write_json
@@ -128,14 +129,18 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     manifest, image = cfg.get("manifest"), cfg.get("image")
     if manifest and (image or cfg.get("mask")):
         raise ValueError("give either `manifest=` or `image=` + `mask=`, not both")
+    segments = plain(cfg.get("segments"))
     if manifest:
-        patients = manifest_patients(Path(str(manifest)).expanduser(), card)
+        patients = manifest_patients(Path(str(manifest)).expanduser(), card, segments)
     else:
         image = _require(cfg, "image", "the CT (NIfTI file or DICOM series folder), or manifest=")
         mask = _require(
             cfg, "mask", "the lesion mask (NIfTI, DICOM SEG file or DICOM series folder)"
         )
-        patients = [single_patient(image, mask, cfg.get("patient_id"))]
+        rule = str(cfg.get("lesion_rule") or "components")
+        patients = [
+            single_patient(image, mask, cfg.get("patient_id"), rule, read_options(card), segments)
+        ]
 
     out_dir = Path(str(cfg.paths.output_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -148,7 +153,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         "saliency_class": cfg.get("saliency_class"),
     }
     t0 = time.perf_counter()
-    n_lesions = n_slices = 0
+    n_lesions = n_slices = n_spacing = 0
     pngs_before = (
         set(saliency_dir.glob("*.png")) if saliency_dir and saliency_dir.is_dir() else set()
     )
@@ -160,8 +165,15 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             for i, patient in enumerate(patients, 1):
                 image_vol, mask_vol = patient.load()
                 lesions, slices = predict_volumes(
-                    model, card, image_vol, mask_vol, patient.patient_id, **kwargs
+                    model,
+                    card,
+                    image_vol,
+                    mask_vol,
+                    patient.patient_id,
+                    lesion_rule=patient.lesion_rule,
+                    **kwargs,
                 )
+                n_spacing += bool(lesions.attrs.get("spacing_warning"))
                 del image_vol, mask_vol  # the volumes are the big part; free before the next
                 lesion_out.append(lesions)
                 slice_out.append(slices)
@@ -180,6 +192,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         "n_patients": len(patients),
         "n_lesions": n_lesions,
         "n_slices": n_slices,
+        "n_spacing_outside_training": n_spacing,
         "seconds": round(time.perf_counter() - t0, 3),
         "files": {
             "lesions": "predictions.csv",

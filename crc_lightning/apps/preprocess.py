@@ -56,6 +56,11 @@ def format_summary(name: str, store: Path, summary: dict[str, Any]) -> str:
         f"{s['lesions_without_crops']}, unlabelled {s['lesions_unlabelled']})",
         f"  crops {s['crops']}  dropped slices {s['dropped_slices']}",
     ]
+    if s.get("masks_resampled") or s.get("images_resampled_for_tilt"):
+        lines.append(
+            f"  resampled: {s.get('masks_resampled', 0)} mask(s) onto their image grid, "
+            f"{s.get('images_resampled_for_tilt', 0)} gantry-tilted image(s)"
+        )
     per_class = s.get("per_class", {})
     if per_class.get("crops"):
         lines.append("  class        lesions   crops")
@@ -76,7 +81,7 @@ def preprocess(cfg: DictConfig) -> dict[str, Any]:
 
     params = PreprocessParams.from_config(plain(cfg.preprocess))
     genes = LabelSet.from_config(cfg.labels).genes
-    cases = load_cases(plain(cfg.data), genes)
+    cases = load_cases(plain(cfg.data), genes, params.read_options())
     store = Path(cfg.data.store)
     summary = build_crop_store(
         cases, store, params, n_jobs=int(cfg.n_jobs), progress=bool(cfg.progress)

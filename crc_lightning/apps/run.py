@@ -186,6 +186,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "normalize": {k: float(v) for k, v in plain(cfg.input.normalize).items()},
         "preprocess": facts["params"],
         "data": {"name": str(cfg.data.name), "store_hash": facts["hash"]},
+        "spacing": facts["spacing"],  # the training CTs' voxel spacing range: predict warns outside
         "seed": int(cfg.seed),
         "package_version": __version__,
     }

@@ -6,7 +6,8 @@ A crop store is a folder, the only input of ``pretrain`` and ``run``:
   string with the per-crop facts, so a re-run can rebuild the index without reading any CT;
   ``case_hash`` = sha256 over (input file bytes, mask rule, parameters, package version);
 * :data:`INDEX_FILE` — one row per crop (:data:`INDEX_COLUMNS` + one 0/1 column per gene);
-* :data:`META_FILE` — parameters, input hashes per case, package version, creation time, summary.
+* :data:`META_FILE` — parameters, the canonical orientation of every array, the CTs' voxel spacing
+  distribution, input hashes per case, package version, creation time, summary.
 
 This module is the only place these names are spelled; the writer (:mod:`.writer`) and the reader
 (:mod:`.reader`) and everything above them go through it. The store's identity is the sha256 of its
@@ -39,7 +40,9 @@ __all__ = [
     "store_hash",
 ]
 
-STORE_FORMAT = 2  # bump when the layout or the meaning of a crop changes (2: window left out)
+# bump when the layout or the meaning of a crop changes (2: window left out; 3: crops in the canonical
+# radiological orientation, explicit lesion rule, SEG lesion ids = segment numbers)
+STORE_FORMAT = 3
 INDEX_FILE = "index.parquet"
 META_FILE = "store.json"
 CASES_DIR = "cases"
@@ -85,10 +88,17 @@ def store_hash(store_dir: str | Path) -> str:
 
 def store_facts(store_dir: str | Path) -> dict[str, Any]:
     """Name-free facts about a store, for results and checkpoints: its preprocessing parameters,
-    the package version that wrote it and its content hash."""
+    the package version that wrote it, its content hash and the range of its CTs' voxel spacing
+    (``{"min": [sz, sy, sx], "max": [...]}`` mm; None for stores older than format 3)."""
     meta = read_meta(store_dir)
+    spacing = meta.get("spacing") or {}
     return {
         "params": dict(meta.get("params", {})),
         "version": meta.get("version"),
         "hash": store_hash(store_dir),
+        "spacing": (
+            {"min": list(spacing["min"]), "max": list(spacing["max"])}
+            if "min" in spacing and "max" in spacing
+            else None
+        ),
     }

@@ -36,6 +36,7 @@ from crc_lightning.cropstore.format import (
 )
 from crc_lightning.io.errors import InputError
 from crc_lightning.io.files import TMP_PREFIX, sha256_path, write_atomic
+from crc_lightning.io.volume import CANONICAL, CANONICAL_DESCRIPTION
 from crc_lightning.preprocessing.algorithm import PreprocessParams, preprocess_scan
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ __all__ = [
     "case_fingerprint",
     "package_version",
     "process_case",
+    "spacing_distribution",
 ]
 
 
@@ -99,10 +101,16 @@ def case_fingerprint(case: Any, params: PreprocessParams, version: str) -> tuple
             "params": params.to_dict(),
             "image": image_sha,
             "masks": mask_shas,
-            "mask_rule": getattr(case, "mask_rule", "instance"),
+            "mask_rule": case.mask_rule,
+            "lesion_rule": case.lesion_rule,
+            "segments": _plain_segments(getattr(case, "segments", None)),
         }
     )
     return image_sha, mask_sha, case_hash
+
+
+def _plain_segments(segments: Any) -> Any:
+    return list(segments) if isinstance(segments, (list, tuple)) else segments
 
 
 def _sha256_input(path: Path) -> str:
@@ -143,8 +151,10 @@ def process_case(
     case: Any, params: PreprocessParams, cases_dir: Path, case_hash: str
 ) -> dict[str, Any]:
     """Load a case, run Algorithm 1, write ``cases_dir/<case_hash>.npz``; return its metadata."""
-    image, raw_mask = case.load()
-    crops, stats = preprocess_scan(image.array, raw_mask.array, image.spacing, params)
+    image, raw_mask = case.load(params.read_options())
+    crops, stats = preprocess_scan(
+        image.array, raw_mask.array, image.spacing, params, case.lesion_rule
+    )
     arrays: dict[str, np.ndarray] = {}
     rows = []
     for c in crops:
@@ -165,6 +175,10 @@ def process_case(
         "case_hash": case_hash,
         "shape": list(image.shape),
         "spacing": list(image.spacing),
+        "orientation": image.orientation,  # of the arrays: always CANONICAL
+        "source_orientation": image.source_orientation,  # of the image file's own axes
+        "image_resampled": image.resampled,
+        "mask_resampled": raw_mask.resampled,
         "crops": rows,
         "lesions": [asdict(s) for s in stats],
     }
@@ -360,6 +374,7 @@ def build_crop_store(
     rows: list[dict] = []
     for case, out in zip(cases, outcomes):
         rows.extend(_index_rows(case, out.meta, counts))
+    metas = [o.meta for o in outcomes]
     genes = _gene_columns(cases)
     index = _build_index(rows, genes)
     dup = index["crop_id"][index["crop_id"].duplicated()].unique().tolist()
@@ -379,6 +394,9 @@ def build_crop_store(
         "crops": len(index),
         **counts,
         "genes": {g: int((index[g] == 1).sum()) for g in genes},
+        "masks_resampled": sum(bool(m.get("mask_resampled")) for m in metas),
+        "images_resampled_for_tilt": sum(bool(m.get("image_resampled")) for m in metas),
+        "source_orientations": _tally(m.get("source_orientation") or "?" for m in metas),
         "computed": sum(o.computed for o in outcomes),
         "reused": sum(not o.computed for o in outcomes),
         "seconds": round(time.perf_counter() - t0, 3),
@@ -387,6 +405,8 @@ def build_crop_store(
         "format": STORE_FORMAT,
         "version": version,
         "params": params.to_dict(),
+        "orientation": {"code": CANONICAL, "meaning": CANONICAL_DESCRIPTION},
+        "spacing": spacing_distribution([m["spacing"] for m in metas]),
         "genes": genes,
         "inputs": {
             o.case_id: {
@@ -413,6 +433,34 @@ def build_crop_store(
         summary["crops"],
     )
     return summary
+
+
+def _tally(values: Iterable[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def spacing_distribution(spacings: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """The voxel spacing of the store's CTs per axis (z, y, x) in mm: min, quartiles, max and the
+    number of cases — what a checkpoint carries as its training range (``min``/``max``)."""
+    if not spacings:
+        return {"axes": ["z", "y", "x"], "cases": 0}
+    a = np.asarray(spacings, dtype=float)
+
+    def per_axis(values: np.ndarray) -> list[float]:
+        return [round(float(v), 6) for v in values]
+
+    return {
+        "axes": ["z", "y", "x"],
+        "cases": len(a),
+        "min": per_axis(a.min(axis=0)),
+        "q25": per_axis(np.percentile(a, 25, axis=0)),
+        "median": per_axis(np.median(a, axis=0)),
+        "q75": per_axis(np.percentile(a, 75, axis=0)),
+        "max": per_axis(a.max(axis=0)),
+    }
 
 
 def _collect_garbage(cases_dir: Path, keep: set[str]) -> int:

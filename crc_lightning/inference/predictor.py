@@ -2,7 +2,9 @@
 
 For one scan already read (image in HU, raw lesion mask on the same grid):
 
-1. the mask becomes lesions (:mod:`crc_lightning.io.lesions`), Algorithm 1 selects and crops each
+1. the mask becomes lesions by the scan's lesion rule (:mod:`crc_lightning.io.lesions`: for
+   ``image=``/``mask=`` the 26-connected components of ``mask > 0`` unless told ``instance``; for a
+   manifest what its rows say, exactly as in preprocessing), Algorithm 1 selects and crops each
    lesion's slices (:func:`~crc_lightning.preprocessing.algorithm.preprocess_scan`) with the
    parameters *read from the model card*, crops are windowed, resized and normalised exactly as
    ``CropDataModule`` does for the test set (:func:`model_inputs`);
@@ -10,14 +12,19 @@ For one scan already read (image in HU, raw lesion mask on the same grid):
 3. optionally a saliency PNG per lesion (Grad-CAM, or the attention map of ``+SA`` models,
    :mod:`.saliency`) on the lesion's central crop (its included slice with the largest area).
 
-:class:`Patient` / :func:`manifest_patients` / :func:`single_patient` describe what to read;
-:class:`CsvAppender` streams the per-lesion and per-slice tables to disk atomically.
+:class:`Patient` / :func:`manifest_patients` / :func:`single_patient` describe what to read (with
+the reading options of the model card: the training's ``resample_mask``, ``gantry_tilt``,
+``nonfinite_hu``); :class:`CsvAppender` streams the per-lesion and per-slice tables to disk
+atomically. A CT whose voxel spacing lies outside the training range the checkpoint records
+(:func:`spacing_warning`) is predicted with a warning.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -32,8 +39,9 @@ from torch import nn
 from crc_lightning.cropstore.format import GENES
 from crc_lightning.data.augment import normalize
 from crc_lightning.data.inputs import crops_to_tensor, window
-from crc_lightning.io import InputError, Volume, read_image, read_mask
+from crc_lightning.io import InputError, ReadOptions, Volume, read_image, read_mask
 from crc_lightning.io.files import atomic_path
+from crc_lightning.io.lesions import check_rule
 from crc_lightning.preprocessing.algorithm import (
     Crop,
     LesionStats,
@@ -54,7 +62,12 @@ __all__ = [
     "predict_case",
     "predict_volumes",
     "single_patient",
+    "spacing_warning",
 ]
+
+log = logging.getLogger(__name__)
+
+SPACING_RTOL = 0.05  # spacing within 5 % of the training range counts as inside it
 
 LESION_ID_COLUMNS = ["patient_id", "lesion", "n_slices"]
 SLICE_ID_COLUMNS = ["patient_id", "lesion", "slice", "area_mm2"]
@@ -95,16 +108,25 @@ def predict_volumes(
     batch_size: int = 64,
     saliency_dir: str | Path | None = None,
     saliency_class: str | None = None,
+    lesion_rule: str = "components",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(lesion rows, slice rows) for one scan already read (image HU, raw lesion mask, same grid).
 
-    A lesion none of whose slices passes Algorithm 1 (too small after cleaning / ε) gets a lesion
-    row with ``n_slices = 0`` and empty probabilities, so no lesion silently disappears.
+    ``lesion_rule``: ``components`` (26-connected components of ``mask > 0``) or ``instance``
+    (one lesion per mask value). A lesion none of whose slices passes Algorithm 1 (too small after
+    cleaning / ε) gets a lesion row with ``n_slices = 0`` and empty probabilities, so no lesion
+    silently disappears. When the CT's spacing is outside the training range a warning is logged
+    (no patient id) and kept in ``lesions.attrs["spacing_warning"]``.
     """
     classes = [str(c) for c in card["class_names"]]
     pcols = [f"p_{c}" for c in classes]
     params = PreprocessParams.from_config(card["preprocess"])
-    crops, stats = preprocess_scan(image.array, raw_mask.array, image.spacing, params)
+    warning = spacing_warning(card, image.spacing)
+    if warning:
+        log.warning("%s", warning)
+    crops, stats = preprocess_scan(
+        image.array, raw_mask.array, image.spacing, params, check_rule(lesion_rule)
+    )
     if crops:
         x = model_inputs(crops, card)
         prob = _probabilities(model, x, batch_size)
@@ -121,9 +143,29 @@ def predict_volumes(
     for i, col in enumerate(pcols):
         slices[col] = prob[:, i] if len(crops) else np.zeros(0, np.float32)
     lesions = _lesion_rows(slices, stats, str(patient_id), pcols)
+    lesions.attrs["spacing_warning"] = warning
     if saliency_dir is not None and x is not None:
         _write_saliency(model, card, crops, x, lesions, slices, Path(saliency_dir), saliency_class)
     return lesions, slices
+
+
+def spacing_warning(card: Mapping[str, Any], spacing: Sequence[float]) -> str | None:
+    """A message when ``spacing`` (sz, sy, sx) mm lies outside the training spacing range the
+    model card records (5 % tolerance), else None (also when the card records no range)."""
+    rng = card.get("spacing")
+    if not rng:
+        return None
+    lo = np.asarray(rng["min"], float) * (1 - SPACING_RTOL)
+    hi = np.asarray(rng["max"], float) * (1 + SPACING_RTOL)
+    s = np.asarray(spacing, float)
+    if np.all((s >= lo) & (s <= hi)):
+        return None
+    fmt = lambda v: "×".join(f"{x:.3g}" for x in v)  # noqa: E731
+    return (
+        f"CT voxel spacing {fmt(s)} mm (z×y×x) is outside the training range "
+        f"{fmt(rng['min'])} – {fmt(rng['max'])} mm of this model; its predictions for this scan "
+        "are an extrapolation"
+    )
 
 
 def _lesion_rows(
@@ -198,11 +240,18 @@ def predict_case(
     patient_id: str | None = None,
     **kwargs: Any,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read one patient's image and mask (grids must match) and predict; see :func:`predict_volumes`."""
-    image = read_image(image_path)
-    mask = read_mask(mask_path, reference=image)
-    pid = str(patient_id) if patient_id is not None else patient_id_from_path(image_path)
-    return predict_volumes(model, meta, image, mask, pid, **kwargs)
+    """Read one patient's image and mask (with the card's reading options) and predict; see
+    :func:`predict_volumes` (``lesion_rule`` defaults to ``components``)."""
+    patient = single_patient(
+        Path(image_path), Path(mask_path), patient_id, options=read_options(meta)
+    )
+    image, mask = patient.load()
+    return predict_volumes(model, meta, image, mask, patient.patient_id, **kwargs)
+
+
+def read_options(card: Mapping[str, Any]) -> ReadOptions:
+    """The reading options the model was trained with (from its preprocessing parameters)."""
+    return PreprocessParams.from_config(card["preprocess"]).read_options()
 
 
 # --------------------------------------------------------------------------- inputs
@@ -210,32 +259,52 @@ def predict_case(
 
 @dataclass
 class Patient:
-    """A scan to predict: its patient id and how to read (image, raw lesion mask)."""
+    """A scan to predict: its patient id, how to read (image, raw lesion mask), its lesion rule."""
 
     patient_id: str
     load: Callable[[], tuple[Volume, Volume]]
+    lesion_rule: str = "components"
 
 
-def single_patient(image: Path, mask: Path, patient_id: str | None = None) -> Patient:
-    """One scan given by its image and mask paths (patient id: the image's name by default)."""
+def single_patient(
+    image: Path,
+    mask: Path,
+    patient_id: str | None = None,
+    lesion_rule: str = "components",
+    options: ReadOptions | None = None,
+    segments: Any = None,
+) -> Patient:
+    """One scan given by its image and mask paths (patient id: the image's name by default;
+    lesions: the 26-connected components of ``mask > 0`` unless ``lesion_rule="instance"``)."""
 
     def load() -> tuple[Volume, Volume]:
-        img = read_image(image)
-        return img, read_mask(mask, reference=img)
+        img = read_image(image, options)
+        return img, read_mask(mask, reference=img, options=options, segments=segments)
 
     pid = str(patient_id) if patient_id is not None else patient_id_from_path(image)
-    return Patient(pid, load)
+    return Patient(pid, load, check_rule(lesion_rule))
 
 
-def manifest_patients(manifest: Path, card: Mapping[str, Any]) -> list[Patient]:
-    """The manifest's scans (validated up front; gene columns optional and ignored)."""
+def manifest_patients(
+    manifest: Path, card: Mapping[str, Any], segments: Any = None
+) -> list[Patient]:
+    """The manifest's scans (headers and grids validated up front; gene columns optional and
+    ignored); each carries the lesion rule its rows give (``*`` → components, ids → instance)."""
     if not manifest.is_file():
         raise InputError(manifest, "manifest not found")
     with open(manifest, newline="") as f:
         header = next(csv.reader(f), [])
     known = set(GENES) | set((card.get("labels") or {}).get("genes") or [])
     genes = tuple(c.strip() for c in header if c.strip() in known and c not in BASE_COLUMNS)
-    cases = read_manifest(manifest, genes=genes, check_lesions=False, source="predict")
+    options = read_options(card)
+    cases = read_manifest(
+        manifest,
+        genes=genes,
+        check_lesions=False,
+        source="predict",
+        options=options,
+        segments=segments,
+    )
     seen: dict[str, int] = {}
     for case in cases:
         seen[case.patient_id] = seen.get(case.patient_id, 0) + 1
@@ -246,7 +315,10 @@ def manifest_patients(manifest: Path, card: Mapping[str, Any]) -> list[Patient]:
             f"patient(s) {dupes} have several (image, mask) scans; lesions are identified by "
             "patient_id + lesion in the predictions, so give each scan its own patient_id",
         )
-    return [Patient(case.patient_id, case.load) for case in cases]
+    return [
+        Patient(case.patient_id, functools.partial(case.load, options), case.lesion_rule)
+        for case in cases
+    ]
 
 
 # --------------------------------------------------------------------------- output
@@ -278,6 +350,13 @@ class CsvAppender:
 # --------------------------------------------------------------------------- info
 
 
+def _spacing_text(rng: Any) -> str:
+    if not rng:
+        return "not recorded"
+    axes = [f"{lo:g}–{hi:g}" for lo, hi in zip(rng["min"], rng["max"])]
+    return " × ".join(axes) + " mm (z × y × x)"
+
+
 def format_info(card: Mapping[str, Any]) -> Any:
     """A rich table of what a checkpoint describes (``--info``)."""
     from rich.table import Table
@@ -292,6 +371,10 @@ def format_info(card: Mapping[str, Any]) -> Any:
         return str(v)
 
     labels = card.get("labels") or {}
+    reading_keys = ("resample_mask", "gantry_tilt", "nonfinite_hu")
+    pre = dict(card.get("preprocess") or {})
+    algorithm = {k: v for k, v in pre.items() if k not in reading_keys}
+    reading = {k: v for k, v in pre.items() if k in reading_keys}
     arch = card.get("architecture") or {}
     data = card.get("data") or {}
     source = card.get("source") or {}
@@ -307,11 +390,13 @@ def format_info(card: Mapping[str, Any]) -> Any:
             f"width {card['window']['width']:g} HU, level {card['window']['level']:g} HU",
         ),
         ("normalisation", f"mean {card['normalize']['mean']:g}, std {card['normalize']['std']:g}"),
-        ("preprocessing (Algorithm 1)", text(card.get("preprocess"))),
+        ("preprocessing (Algorithm 1)", text(algorithm)),
+        ("reading options", text(reading)),
         (
             "training cohort",
             f"{text(data.get('name'))}, crop store hash {text(data.get('store_hash'))}",
         ),
+        ("training spacing", _spacing_text(card.get("spacing"))),
         ("variant", text(card.get("variant"))),
         ("architecture", text(arch)),
         (

@@ -1,22 +1,34 @@
-"""DICOM series folders (pydicom): a CT series → :class:`Volume` in HU, and back.
+"""DICOM CT (pydicom, highdicom): a series folder or an Enhanced CT file → :class:`Volume` in HU.
 
 Reading rules (why: file names and InstanceNumber are not reliable slice orders in the wild):
 
 * every regular file in the folder is tried; files that are not DICOM, and DICOM objects without
-  pixel data (e.g. ``DICOMDIR``), are skipped; a folder with no image slice is refused;
+  pixel data (e.g. ``DICOMDIR``), are skipped; a folder with no image slice is refused. Headers are
+  read with pixel data deferred, so :func:`dicom_series_grid` checks a whole series (validation)
+  without decoding a pixel;
 * slices are ordered by their position along the slice normal,
   ``normal = row_cosine × col_cosine`` (from ImageOrientationPatient) and
   ``position = ImagePositionPatient · normal``;
-* values go through pydicom's modality LUT (RescaleSlope/Intercept), so images are in HU;
+* pixels are decoded by pydicom's pixel backends: native for uncompressed and RLE, the pylibjpeg
+  plug-ins (libjpeg: JPEG Baseline/Extended/Lossless/JPEG-LS; openjpeg: JPEG 2000; rle) declared
+  as dependencies, or python-gdcm when installed; values go through the modality LUT
+  (RescaleSlope/Intercept), so images are in HU;
 * ``spacing = (sz, sy, sx)`` with ``sy, sx = PixelSpacing`` (row spacing, column spacing) and ``sz``
   the median step between consecutive slice positions; ``origin`` is the first slice's
-  ImagePositionPatient; ``direction`` columns are (row cosine, column cosine, normal).
+  ImagePositionPatient; ``direction`` columns are (row cosine, column cosine, normal); the volume
+  is then brought into the canonical voxel order (:meth:`Volume.canonical`, a view);
+* an **Enhanced CT** object (one file, many frames with per-frame positions) is read by highdicom
+  (``Image.get_volume``: frames sorted spatially, modality transform applied), alone or as the only
+  image object of a folder, and gives what the equivalent series gives.
 
 Refused, with an :class:`InputError` naming the folder and the problem: several SeriesInstanceUIDs,
-two slices at one position, slices whose orientation / size / pixel spacing differ, a stack not
-perpendicular to its slices (gantry tilt), uneven slice steps and missing slices. Tolerance for a
-step: ``max(SLICE_ATOL_MM, SLICE_RTOL × median step)`` = max(0.01 mm, 1 %). A step ≈ k × median
-(k ≥ 2) is reported as k−1 missing slices; any other deviation as uneven spacing.
+two slices at one position, slices whose orientation / size / pixel spacing differ, uneven slice
+steps and missing slices. Tolerance for a step: ``max(SLICE_ATOL_MM, SLICE_RTOL × median step)`` =
+max(0.01 mm, 1 %). A step ≈ k × median (k ≥ 2) is reported as k−1 missing slices; any other
+deviation as uneven spacing. A stack not perpendicular to its slices (**gantry tilt**) is refused
+unless ``ReadOptions.gantry_tilt == "resample"``: then the slices (whose positions must advance by
+one constant vector) are resampled onto the orthogonal grid of the first slice
+(:func:`~crc_lightning.io.resample.deshear`, SimpleITK).
 """
 
 from __future__ import annotations
@@ -29,47 +41,93 @@ import numpy as np
 
 from crc_lightning.io.errors import InputError
 from crc_lightning.io.files import atomic_dir, series_files
-from crc_lightning.io.volume import Volume
+from crc_lightning.io.volume import ReadOptions, Volume, check_finite
 
 SLICE_ATOL_MM = 0.01  # absolute tolerance on a slice step (mm)
 SLICE_RTOL = 0.01  # relative tolerance on a slice step (fraction of the median step)
 ORIENTATION_ATOL = 1e-4  # between slices' direction cosines
 DUPLICATE_ATOL_MM = 1e-3  # two slices closer than this along the normal are at one position
+_DEFER = 1024  # header reads leave larger values (pixel data) on disk until used
 
 
 @dataclass
 class _Slice:
     path: Path
-    ds: object  # pydicom Dataset
+    ds: object  # pydicom Dataset (pixel data deferred)
     row: np.ndarray
     col: np.ndarray
     ipp: np.ndarray
 
 
-def _read_slices(folder: Path) -> list[_Slice]:
-    """Every DICOM image slice in ``folder`` (not recursive); non-image files are skipped."""
+@dataclass
+class _Stack:
+    """A validated series: slices ordered along the normal, the claimed grid and the true step."""
+
+    slices: list[_Slice]
+    normal: np.ndarray
+    sz: float
+    step: np.ndarray  # LPS vector from one slice's position to the next
+    tilted: bool
+
+    def grid(self, folder: Path) -> Volume:
+        """The stack's grid in DICOM order (not canonical), zero-memory."""
+        ref = self.slices[0]
+        ps = [float(v) for v in ref.ds.PixelSpacing]
+        shape = (len(self.slices), int(ref.ds.Rows), int(ref.ds.Columns))
+        return Volume(
+            np.broadcast_to(np.zeros((), np.uint8), shape),
+            (self.sz, ps[0], ps[1]),
+            tuple(ref.ipp),
+            np.stack([ref.row, ref.col, self.normal], axis=1),
+            source=str(folder),
+        )
+
+
+def _dcmread(path: Path):  # -> pydicom.Dataset | None
+    """The dataset of a file with large values deferred, or None when it is not DICOM."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    try:
+        return pydicom.dcmread(path, defer_size=_DEFER)
+    except InvalidDicomError:
+        try:  # old files without the 128-byte preamble; garbage parses without PixelData
+            ds = pydicom.dcmread(path, force=True, defer_size=_DEFER)
+            _ = ds.get("ImagePositionPatient"), ds.get("PixelData")
+            return ds
+        except Exception:
+            return None
+    except (EOFError, OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None  # not DICOM (or not readable as such): skip, like any other stray file
+
+
+def _is_multiframe(ds) -> bool:
+    return int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds
+
+
+def _image_objects(folder: Path) -> list[tuple[Path, object]]:
+    """Every DICOM object with pixel data in ``folder`` (not recursive)."""
     if not folder.is_dir():
         raise InputError(folder, "DICOM series folder not found")
-    slices: list[_Slice] = []
+    found = []
     for path in series_files(folder):
-        try:
-            ds = pydicom.dcmread(path)
-        except InvalidDicomError:
-            try:  # old files without the 128-byte preamble; garbage parses without PixelData
-                ds = pydicom.dcmread(path, force=True)
-                _ = ds.get("ImagePositionPatient"), ds.get("PixelData")
-            except Exception:
-                continue
-        except (EOFError, OSError, ValueError, TypeError, KeyError):
-            continue  # not DICOM (or not readable as such): skip, like any other stray file
-        if "PixelData" not in ds:
-            continue  # DICOMDIR, structured reports, presentation states, …
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        ds = _dcmread(path)
+        if ds is not None and "PixelData" in ds:  # DICOMDIR, SR, presentation states: skipped
+            found.append((path, ds))
+    if not found:
+        raise InputError(folder, "no DICOM image files in the folder")
+    return found
+
+
+def _read_slices(folder: Path, objects: list[tuple[Path, object]]) -> list[_Slice]:
+    """The single-frame image slices of a folder, with their placement attributes."""
+    slices: list[_Slice] = []
+    for path, ds in objects:
+        if _is_multiframe(ds):
             raise InputError(
-                folder, f"{path.name} is a multi-frame object; expected one file per slice"
+                folder,
+                f"{path.name} is a multi-frame object among {len(objects)} image files; expected "
+                "one file per slice, or a folder holding one Enhanced CT file",
             )
         missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient") if k not in ds]
         missing += [k for k in ("PixelSpacing", "Rows", "Columns") if k not in ds]
@@ -80,8 +138,6 @@ def _read_slices(folder: Path) -> list[_Slice]:
             raise InputError(folder, f"{path.name} has a malformed ImageOrientationPatient")
         ipp = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=float)
         slices.append(_Slice(path, ds, iop[:3], iop[3:], ipp))
-    if not slices:
-        raise InputError(folder, "no DICOM image files in the folder")
     return slices
 
 
@@ -160,17 +216,19 @@ def _pixels(folder: Path, s: _Slice) -> np.ndarray:
     try:
         raw = s.ds.pixel_array
     except Exception as exc:  # missing decoder plug-in, truncated pixel data, …
+        ts = getattr(getattr(s.ds, "file_meta", None), "TransferSyntaxUID", None)
+        syntax = f"transfer syntax {ts.name}; " if ts is not None else ""
         raise InputError(
-            folder, f"cannot decode pixels of {s.path.name} ({type(exc).__name__}: {exc})"
+            folder,
+            f"cannot decode pixels of {s.path.name} ({syntax}{type(exc).__name__}: {exc})",
         ) from exc
     if raw.ndim != 2:
         raise InputError(folder, f"{s.path.name} is not a single-channel 2D slice ({raw.shape})")
     return np.asarray(apply_modality_lut(raw, s.ds), dtype=np.float64)
 
 
-def _sorted_stack(folder: Path) -> tuple[list[_Slice], np.ndarray, float]:
-    """The folder's slices ordered along the normal, their normal vector and the slice step."""
-    slices = _read_slices(folder)
+def _sorted_stack(folder: Path, slices: list[_Slice], gantry_tilt: str = "refuse") -> _Stack:
+    """The folder's slices ordered along the normal, validated; tilt refused or measured."""
     _check_consistent(folder, slices)
     ref = slices[0]
     normal = np.cross(ref.row, ref.col)
@@ -180,82 +238,168 @@ def _sorted_stack(folder: Path) -> tuple[list[_Slice], np.ndarray, float]:
     positions = positions[order]
     names = [s.path.name for s in slices]
     ps = [float(v) for v in ref.ds.PixelSpacing]
-    if len(slices) > 1:
-        sz = _slice_step(folder, positions, names)
-        # the stack must run along the normal: in-plane drift means a tilted/sheared acquisition
-        drift = (slices[-1].ipp - slices[0].ipp) - (positions[-1] - positions[0]) * normal
-        if np.linalg.norm(drift) > max(SLICE_ATOL_MM, 0.01 * min(ps)) * (len(slices) - 1):
-            raise InputError(
-                folder,
-                "slices are not stacked along their normal (gantry tilt or sheared stack, "
-                f"in-plane drift {np.linalg.norm(drift):.3f} mm); resample the series first",
-            )
-    else:
+    if len(slices) == 1:
         thickness = ref.ds.get("SpacingBetweenSlices") or ref.ds.get("SliceThickness") or 1.0
         sz = float(thickness) if float(thickness) > 0 else 1.0
-    return slices, normal, sz
+        return _Stack(slices, normal, sz, sz * normal, False)
+    sz = _slice_step(folder, positions, names)
+    # the stack must run along the normal: in-plane drift means a tilted/sheared acquisition
+    n = len(slices)
+    ipps = np.stack([s.ipp for s in slices])
+    drift = (ipps[-1] - ipps[0]) - (positions[-1] - positions[0]) * normal
+    tol = max(SLICE_ATOL_MM, 0.01 * min(ps))
+    if np.linalg.norm(drift) <= tol * (n - 1):
+        return _Stack(slices, normal, sz, sz * normal, False)
+    tilt = np.degrees(np.arctan2(np.linalg.norm(drift), positions[-1] - positions[0]))
+    if gantry_tilt != "resample":
+        raise InputError(
+            folder,
+            f"slices are not stacked along their normal (gantry tilt {tilt:.2f}° or a sheared "
+            f"stack: in-plane drift {np.linalg.norm(drift):.3f} mm over {n} slices); set "
+            "preprocess.gantry_tilt=resample to resample it onto an orthogonal grid",
+        )
+    k = np.arange(n, dtype=float)
+    step = (ipps[-1] - ipps[0]) / (n - 1)
+    residual = np.linalg.norm(ipps - (ipps[0] + k[:, None] * step), axis=1).max()
+    if residual > tol:
+        raise InputError(
+            folder,
+            f"slice positions do not advance by one constant vector (deviation {residual:.3f} mm):"
+            " not a gantry tilt that can be resampled",
+        )
+    return _Stack(slices, normal, sz, step, True)
+
+
+def _folder_stack(folder: Path, gantry_tilt: str) -> tuple[_Stack | None, Path | None]:
+    """(validated stack, None) for a series folder, or (None, file) when the folder holds one
+    Enhanced (multi-frame) object."""
+    objects = _image_objects(folder)
+    if len(objects) == 1 and _is_multiframe(objects[0][1]):
+        return None, objects[0][0]
+    return _sorted_stack(folder, _read_slices(folder, objects), gantry_tilt), None
 
 
 def series_grid(folder: str | Path) -> tuple[list, Volume]:
-    """The validated datasets of a series folder, ordered along the slice normal (the z order of
-    :func:`read_dicom_series`), and its grid as a zero-memory uint8 :class:`Volume` (no pixel
-    decoding), for writers that must reference the series (DICOM SEG)."""
+    """The validated datasets of a series folder, ordered along the slice normal, and its grid in
+    that DICOM order (zero-memory, not canonical), for writers that must reference the series
+    (DICOM SEG)."""
     folder = Path(folder)
-    slices, normal, sz = _sorted_stack(folder)
-    ref = slices[0]
-    ps = [float(v) for v in ref.ds.PixelSpacing]
-    shape = (len(slices), int(ref.ds.Rows), int(ref.ds.Columns))
-    grid = Volume(
-        np.broadcast_to(np.zeros((), np.uint8), shape),
-        (sz, ps[0], ps[1]),
-        tuple(ref.ipp),
-        np.stack([ref.row, ref.col, normal], axis=1),
-        source=str(folder),
-    )
-    return [s.ds for s in slices], grid
+    stack = _sorted_stack(folder, _read_slices(folder, _image_objects(folder)))
+    return [s.ds for s in stack.slices], stack.grid(folder)
 
 
-def read_dicom_series(folder: str | Path) -> Volume:
-    """Read a DICOM series folder as a float32 volume of modality values (HU for CT)."""
+def dicom_series_grid(folder: str | Path, options: ReadOptions | None = None) -> Volume:
+    """The canonical grid :func:`read_dicom_series` would return, from the headers alone (no pixel
+    is decoded): every refusal of the reader happens here too, in seconds."""
+    options = options or ReadOptions()
     folder = Path(folder)
-    slices, normal, sz = _sorted_stack(folder)
-    ref = slices[0]
-    ps = [float(v) for v in ref.ds.PixelSpacing]  # [row spacing (sy), column spacing (sx)]
-    array = np.stack([_pixels(folder, s) for s in slices]).astype(np.float32)
-    direction = np.stack([ref.row, ref.col, normal], axis=1)
-    return Volume(array, (sz, ps[0], ps[1]), tuple(slices[0].ipp), direction, source=str(folder))
+    stack, enhanced = _folder_stack(folder, options.gantry_tilt)
+    if enhanced is not None:
+        return enhanced_grid(enhanced)
+    return stack.grid(folder).canonical()  # type: ignore[union-attr]
+
+
+def read_dicom_series(
+    folder: str | Path, options: ReadOptions | None = None, *, mask: bool = False
+) -> Volume:
+    """Read a DICOM series folder (or a folder holding one Enhanced CT file) as a float32 volume of
+    modality values (HU for CT), in the canonical voxel order. ``mask`` only changes how a tilted
+    stack is resampled (nearest neighbour) and skips the NaN check."""
+    options = options or ReadOptions()
+    folder = Path(folder)
+    stack, enhanced = _folder_stack(folder, options.gantry_tilt)
+    if enhanced is not None:
+        vol = read_enhanced_ct(enhanced)
+        if not mask:
+            vol = vol.with_array(check_finite(vol.array, enhanced, options.nonfinite_hu))
+        return vol
+    assert stack is not None
+    grid = stack.grid(folder)
+    array = np.stack([_pixels(folder, s) for s in stack.slices]).astype(np.float32)
+    if not mask:
+        array = check_finite(array, folder, options.nonfinite_hu)
+    vol = grid.with_array(array)
+    if stack.tilted:
+        from crc_lightning.io.resample import deshear
+
+        vol = deshear(vol, stack.step, nearest=mask)
+        vol.array = vol.array.astype(np.float32, copy=False)
+    return vol.canonical()
+
+
+def _enhanced(path: Path, lazy: bool):  # -> highdicom.Image
+    import highdicom as hd
+
+    try:
+        return hd.imread(str(path), lazy_frame_retrieval=lazy)
+    except Exception as exc:
+        raise InputError(path, f"not a readable DICOM image ({type(exc).__name__}: {exc})") from exc
+
+
+def _from_hd_affine(array: np.ndarray, affine: np.ndarray, source: str) -> Volume:
+    """A :class:`Volume` from an array indexed (slice, row, column) and its LPS affine (the
+    highdicom convention)."""
+    m = np.asarray(affine, dtype=float)[:3, :3]
+    norms = np.linalg.norm(m, axis=0)
+    direction = np.stack([m[:, 2] / norms[2], m[:, 1] / norms[1], m[:, 0] / norms[0]], axis=1)
+    spacing = (float(norms[0]), float(norms[1]), float(norms[2]))
+    return Volume(array, spacing, tuple(np.asarray(affine)[:3, 3]), direction, source=source)
+
+
+def enhanced_grid(path: str | Path) -> Volume:
+    """The canonical grid of an Enhanced (multi-frame) CT file from its header (frames unread)."""
+    path = Path(path)
+    geometry = _enhanced(path, lazy=True).get_volume_geometry()
+    if geometry is None:
+        raise InputError(
+            path,
+            "the frames of this multi-frame object do not form a regular 3D volume (uneven or "
+            "missing positions, or a tilted stack)",
+        )
+    shape = tuple(int(n) for n in geometry.spatial_shape)
+    grid = np.broadcast_to(np.zeros((), np.uint8), shape)
+    return _from_hd_affine(grid, geometry.affine, str(path)).canonical()
+
+
+def read_enhanced_ct(path: str | Path) -> Volume:
+    """Read an Enhanced CT (multi-frame) file as float32 HU in the canonical voxel order
+    (highdicom: frames placed by their per-frame positions, modality transform applied)."""
+    path = Path(path)
+    image = _enhanced(path, lazy=False)
+    try:
+        hvol = image.get_volume(
+            dtype=np.float32, apply_real_world_transform=False, apply_modality_transform=True
+        )
+    except Exception as exc:
+        raise InputError(
+            path,
+            "cannot build a volume from the frames of this multi-frame object "
+            f"({type(exc).__name__}: {exc})",
+        ) from exc
+    array = np.asarray(hvol.array, dtype=np.float32)
+    return _from_hd_affine(array, hvol.affine, str(path)).canonical()
 
 
 def mask_labels(array: np.ndarray, where: str | Path) -> np.ndarray:
-    """Integer labels from mask values.
-
-    Rule: values must be whole and non-negative. If they are ⊆ {0, m} for a single m > 0 (e.g. the
-    0/255 masks of IRCADb), the mask is binary and becomes {0, 1}; otherwise (instance masks 0..n)
-    values are kept as they are.
-    """
+    """Integer labels from mask values: whole, non-negative, finite; kept as they are (a 0/255
+    mask stays 0/255: what its lesions are is the lesion rule's business,
+    :mod:`crc_lightning.io.lesions`)."""
     if not np.all(np.isfinite(array)):
         raise InputError(where, "mask contains NaN or infinite values")
     rounded = np.rint(array)
     if not np.allclose(array, rounded, atol=1e-3):
         raise InputError(where, "mask contains non-integer values; expected integer labels")
-    labels = rounded.astype(np.int64)
-    if labels.size and labels.min() < 0:
-        raise InputError(where, f"mask contains negative values (min {labels.min()})")
-    values = np.unique(labels)
-    nonzero = values[values != 0]
-    if nonzero.size == 1:
-        return (labels != 0).astype(np.int32)
-    if nonzero.size and nonzero.max() > np.iinfo(np.int32).max:
+    if rounded.size and rounded.min() < 0:
+        raise InputError(where, f"mask contains negative values (min {rounded.min():g})")
+    if rounded.size and rounded.max() > np.iinfo(np.int32).max:
         raise InputError(where, "mask values do not fit in int32")
-    return labels.astype(np.int32)
+    return rounded.astype(np.int32)
 
 
-def read_dicom_mask_series(folder: str | Path) -> Volume:
+def read_dicom_mask_series(folder: str | Path, options: ReadOptions | None = None) -> Volume:
     """Read a folder of mask slices (e.g. IRCADb ``MASKS_DICOM/livertumor01``) as int32 labels."""
-    vol = read_dicom_series(folder)
-    return Volume(
-        mask_labels(vol.array, folder), vol.spacing, vol.origin, vol.direction, source=vol.source
-    )
+    vol = read_dicom_series(folder, options, mask=True)
+    return vol.with_array(mask_labels(vol.array, folder))
 
 
 def is_dicom_file(path: str | Path) -> bool:

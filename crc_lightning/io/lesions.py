@@ -1,14 +1,16 @@
 """What the lesions of a mask are: the one definition of lesion ids, shared by every layer.
 
-The manifest contract (README, "Your cohort") identifies a lesion by ``patient_id`` + ``lesion``,
-where ``lesion`` is its value in an instance mask, or its component number in a binary mask. This
-module is that rule, so manifest validation (sources), Algorithm 1's step 1 (preprocessing) and
-``predict`` (inference) cannot disagree about which voxels form lesion 3.
+The manifest contract (README, "Your cohort") identifies a lesion by ``patient_id`` + ``lesion``.
+Which voxels form lesion 3 is decided by a **lesion rule** that the case carries (never guessed from
+the mask's values — a 0/255 mask is not an instance mask with one lesion "255"):
 
-* binary mask (values ⊆ {0, 1}, any dtype incl. bool) → the ``connectivity``-connected components
-  (cc3d), numbered 1..n in C raster order ([z, y, x]) of their first voxel — the numbering
-  ``scipy.ndimage.label`` gives, so a lesion's number is reproducible from the mask;
-* instance mask (any other non-negative whole values) → kept as is.
+* ``"components"`` (the manifest's ``lesion`` = ``*`` or empty; ``predict image= mask=`` by
+  default; LiTS, 3D-IRCADb) → the ``connectivity``-connected components (cc3d) of ``mask > 0``,
+  whatever its values (0/1, 0/255, organ labels), numbered 1..n in C raster order ([z, y, x]) of
+  their first voxel — the numbering ``scipy.ndimage.label`` gives, so a lesion's number is
+  reproducible from the mask;
+* ``"instance"`` (explicit lesion ids in the manifest; DICOM SEG segments) → each non-zero value is
+  one lesion, its id the value (for a SEG: the segment number).
 
 Only the bounding box of the non-zero voxels is labelled (raster order of first voxels does not
 change under a shift), so no full-size label map is allocated.
@@ -18,16 +20,26 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["lesion_labels", "lesion_labels_in_box", "nonzero_box"]
+__all__ = ["LESION_RULES", "check_rule", "lesion_labels", "lesion_labels_in_box", "nonzero_box"]
+
+LESION_RULES = ("components", "instance")
+
+
+def check_rule(rule: str) -> str:
+    """``rule`` if it is a lesion rule, else a ValueError listing them."""
+    if rule not in LESION_RULES:
+        raise ValueError(f"unknown lesion rule {rule!r}; expected one of {LESION_RULES}")
+    return rule
 
 
 def nonzero_box(array: np.ndarray) -> tuple[slice, slice, slice] | None:
     """The bounding box of all non-zero voxels of a [z, y, x] array, or None if there are none.
 
     Three cheap ``any`` reductions (the second and third only over the occupied slab), so that
-    labelling and ``find_objects`` can run on the small region holding the lesions.
+    labelling and ``find_objects`` can run on the small region holding the lesions. They reduce
+    over axes of the array as it is, so a reoriented view (negative strides) is not copied.
     """
-    z = np.flatnonzero(array.reshape(array.shape[0], -1).any(axis=1))
+    z = np.flatnonzero(array.any(axis=(1, 2)))
     if z.size == 0:
         return None
     slab = array[z[0] : z[-1] + 1]
@@ -36,20 +48,10 @@ def nonzero_box(array: np.ndarray) -> tuple[slice, slice, slice] | None:
     return tuple(slice(int(a[0]), int(a[-1]) + 1) for a in (z, y, x))  # type: ignore[return-value]
 
 
-def lesion_labels(mask: np.ndarray, connectivity: int = 26) -> np.ndarray:
-    """Turn a raw lesion mask into a lesion label map (int32, 0 = background).
-
-    * binary mask (values ⊆ {0, 1}, any dtype incl. bool) → the ``connectivity``-connected
-      components (cc3d), numbered 1..n in C raster order ([z, y, x]) of their first voxel, the
-      numbering ``scipy.ndimage.label`` gives — so a lesion's number is reproducible from the mask;
-    * instance mask (any other non-negative whole values) → kept as is: the annotator's values are
-      the lesion ids the manifest's ``lesion`` column refers to.
-
-    Why cc3d: several times faster than ``scipy.ndimage.label``. Only the bounding box of the
-    non-zero voxels is labelled (raster order of first voxels is unchanged by the shift), and
-    min/max are taken there — ``np.unique`` would sort the whole volume.
-    """
-    inner, box = lesion_labels_in_box(mask, connectivity)
+def lesion_labels(mask: np.ndarray, rule: str, connectivity: int = 26) -> np.ndarray:
+    """Turn a raw lesion mask into a lesion label map (int32, 0 = background) by ``rule``
+    (module docstring). Why cc3d: several times faster than ``scipy.ndimage.label``."""
+    inner, box = lesion_labels_in_box(mask, rule, connectivity)
     if box is None:
         return np.zeros(np.shape(mask), np.int32)
     if inner.shape == np.shape(mask):
@@ -60,7 +62,7 @@ def lesion_labels(mask: np.ndarray, connectivity: int = 26) -> np.ndarray:
 
 
 def lesion_labels_in_box(
-    mask: np.ndarray, connectivity: int = 26
+    mask: np.ndarray, rule: str, connectivity: int = 26
 ) -> tuple[np.ndarray, tuple[slice, slice, slice] | None]:
     """:func:`lesion_labels` of the bounding box of all non-zero voxels only: (labels, box).
 
@@ -71,6 +73,7 @@ def lesion_labels_in_box(
     """
     import cc3d
 
+    check_rule(rule)
     mask = np.asarray(mask)
     if mask.ndim != 3:
         raise ValueError(f"lesion_labels expects a 3D mask, got shape {mask.shape}")
@@ -85,11 +88,11 @@ def lesion_labels_in_box(
     lo, hi = inner.min(), inner.max()
     if lo < 0:
         raise ValueError(f"lesion_labels: mask values must be non-negative (min {lo})")
-    if hi > np.iinfo(np.int32).max:
-        raise ValueError(f"lesion_labels: mask value {hi} does not fit int32")
-    if hi > 1:
+    if rule == "instance":
+        if hi > np.iinfo(np.int32).max:
+            raise ValueError(f"lesion_labels: mask value {hi} does not fit int32")
         return inner.astype(np.int32, copy=False), box
     # C-contiguous input → cc3d numbers components in the same raster order as scipy.
-    binary = np.ascontiguousarray(inner, dtype=np.uint8)
+    binary = np.ascontiguousarray(inner != 0, dtype=np.uint8)
     comps = cc3d.connected_components(binary, connectivity=connectivity, out_dtype=np.uint32)
     return comps.view(np.int32), box

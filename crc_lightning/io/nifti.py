@@ -10,7 +10,9 @@ NIfTI stores ``data[i, j, k]`` with an affine ``A`` mapping voxel indices to **R
   (reordered to x, y, z = i, j, k), ``origin = F @ A[:3, 3]``.
 
 This is what ITK/SimpleITK do when they read NIfTI, so a file read here and by SimpleITK gives the
-same origin, spacing and direction.
+same origin, spacing and direction. The readers then bring the array into the canonical voxel order
+(:meth:`~crc_lightning.io.volume.Volume.canonical`, axis permutation/flip only), so a RAS, LAS or
+LPS file of one scan gives one array.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 
 from crc_lightning.io.errors import InputError
 from crc_lightning.io.files import atomic_path
-from crc_lightning.io.volume import Volume
+from crc_lightning.io.volume import Volume, check_finite, is_orthonormal
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -55,43 +57,86 @@ def geometry_to_affine(volume: Volume) -> np.ndarray:
     return affine
 
 
-def read_nifti(path: str | Path, *, as_mask: bool = False) -> Volume:
-    """Read a NIfTI file: float32 values (scaling applied), or int32 labels when ``as_mask``.
-
-    Labels must be whole numbers; a mask file holding fractional values is refused rather than
-    silently truncated.
-    """
+def _load(path: Path):  # -> nibabel image, header parsed, data not read
     import nibabel as nib
 
-    path = Path(path)
     if not path.is_file():
         raise InputError(path, "NIfTI file not found")
     try:
-        img = nib.load(str(path))
-        affine = img.affine
-        data = np.asanyarray(img.dataobj)
+        return nib.load(str(path))
     except Exception as exc:  # nibabel raises many kinds for truncated/corrupt files
         raise InputError(path, f"cannot read NIfTI file ({type(exc).__name__}: {exc})") from exc
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise InputError(path, f"expected a 3D NIfTI volume, got shape {data.shape}")
+
+
+def _geometry(path: Path, img) -> tuple:
+    """(spacing, origin, direction) of a loaded image; a sheared affine is refused."""
     try:
-        spacing, origin, direction = affine_to_geometry(affine)
+        spacing, origin, direction = affine_to_geometry(img.affine)
     except ValueError as exc:
         raise InputError(path, str(exc)) from exc
-    array = np.ascontiguousarray(data.transpose(2, 1, 0))
+    if not is_orthonormal(direction):
+        raise InputError(
+            path,
+            "the affine is sheared (its axes are not perpendicular: a gantry-tilted scan saved "
+            "without correction?); resample it onto an orthogonal grid first",
+        )
+    return spacing, origin, direction
+
+
+def _shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise InputError(path, f"expected a 3D NIfTI volume, got shape {tuple(shape)}")
+    return int(shape[2]), int(shape[1]), int(shape[0])
+
+
+def read_nifti_grid(path: str | Path) -> Volume:
+    """The canonical grid of a NIfTI file from its header alone (nothing decompressed beyond it):
+    a zero-memory volume, for validation."""
+    path = Path(path)
+    img = _load(path)
+    shape = _shape(path, img.shape)
+    spacing, origin, direction = _geometry(path, img)
+    grid = np.broadcast_to(np.zeros((), np.uint8), shape)
+    return Volume(grid, spacing, origin, direction, source=str(path)).canonical()
+
+
+def read_nifti(
+    path: str | Path, *, as_mask: bool = False, nonfinite: float | None = None
+) -> Volume:
+    """Read a NIfTI file in the canonical voxel order (:mod:`crc_lightning.io.volume`):
+    float32 values (scaling applied), or int32 labels when ``as_mask``.
+
+    Labels must be whole numbers; a mask file holding fractional values is refused rather than
+    silently truncated. An image holding NaN/±inf is refused with the count (or those voxels set to
+    ``nonfinite``). The reorientation is a view; the one copy is the conversion to float32/int32,
+    made after it, so the array comes out C-contiguous in canonical order.
+    """
+    path = Path(path)
+    img = _load(path)
+    _shape(path, img.shape)
+    spacing, origin, direction = _geometry(path, img)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise InputError(path, f"cannot read NIfTI data ({type(exc).__name__}: {exc})") from exc
+    if data.ndim == 4:
+        data = data[..., 0]
+    raw = Volume(data.transpose(2, 1, 0), spacing, origin, direction, source=str(path))
+    vol = raw.canonical()
     if as_mask:
-        array = _to_labels(array, path)
-    else:
-        array = array.astype(np.float32, copy=False)
-    return Volume(array, spacing, origin, direction, source=str(path))
+        return vol.with_array(_to_labels(vol.array, path))
+    array = vol.array
+    if array.dtype != np.float32:
+        array = array.astype(np.float32, order="C")
+    return vol.with_array(check_finite(array, path, nonfinite))
 
 
 def _to_labels(array: np.ndarray, path: Path) -> np.ndarray:
     """Integer label array (int32), refusing fractional or non-finite values."""
     if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
-        return array.astype(np.int32, copy=False)
+        return array if array.dtype == np.int32 else array.astype(np.int32, order="C")
     if not np.all(np.isfinite(array)):
         raise InputError(path, "mask contains NaN or infinite values")
     rounded = np.rint(array)

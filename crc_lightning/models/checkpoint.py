@@ -12,8 +12,10 @@ execute code on load. Nothing here ever unpickles arbitrary objects:
   plus the model card as JSON in the header. It drops optimizer state, so it is ~4× smaller.
 
 The *model card* (:func:`model_card`) is the flat, JSON-able description ``predict`` works from:
-class names, label set, input resolution, CT window, input normalisation, Algorithm 1 parameters,
-variant, training cohort (data name + crop-store hash), weight provenance, architecture, versions.
+class names, label set, input resolution, CT window, input normalisation, Algorithm 1 parameters
+(with the reading options), variant, training cohort (data name + crop-store hash), the training
+CTs' voxel spacing range (``spacing``: ``{"min": [sz, sy, sx], "max": [...]}`` mm, ``None`` when
+not recorded; ``predict`` warns outside it), weight provenance, architecture, versions.
 A checkpoint lacking any required entry is refused with :class:`CheckpointError` — predict never
 guesses preprocessing, it reads it from the checkpoint.
 """
@@ -193,6 +195,7 @@ def model_card(hparams: Mapping[str, Any], path: str | Path | None = None) -> di
         "preprocess": dict(meta["preprocess"]),
         "variant": meta.get("variant"),
         "data": meta.get("data"),
+        "spacing": meta.get("spacing"),
         "seed": meta.get("seed"),
         "weights": hp.get("weights_info"),
         "architecture": {
@@ -230,6 +233,19 @@ def _validate_card(card: dict[str, Any], path: str | Path | None) -> dict[str, A
     arch = card["architecture"]
     if not isinstance(arch, Mapping) or not isinstance(arch.get("backbone"), str):
         problems.append(f"architecture.backbone must be a model name, got {arch!r}")
+    spacing = card.get("spacing")
+    if spacing is not None and not (
+        isinstance(spacing, Mapping)
+        and all(
+            isinstance(spacing.get(k), (list, tuple))
+            and len(spacing[k]) == 3
+            and all(isinstance(v, (int, float)) and v > 0 for v in spacing[k])
+            for k in ("min", "max")
+        )
+    ):
+        problems.append(
+            f"spacing must hold min and max as three positive mm values, got {spacing!r}"
+        )
     try:
         params = PreprocessParams.from_config(card["preprocess"])
         card["preprocess"] = params.to_dict()
@@ -263,7 +279,7 @@ def build_model(card: Mapping[str, Any]) -> nn.Module:
     arch = card["architecture"]
     weights = dict(card.get("weights") or {"init": "none", "file": None, "sha256": None})
     meta = {k: card.get(k) for k in ("variant", "labels", "window", "normalize", "preprocess")}
-    meta.update(data=card.get("data"), seed=card.get("seed"))
+    meta.update(data=card.get("data"), seed=card.get("seed"), spacing=card.get("spacing"))
     meta["package_version"] = card.get("package_version")
     return MutationClassifier(
         class_names=list(card["class_names"]),

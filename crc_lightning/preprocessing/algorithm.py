@@ -2,10 +2,10 @@
 
 Step by step, for one CT volume and its lesion mask:
 
-1. :func:`~crc_lightning.io.lesions.lesion_labels` — a binary mask becomes its 26-connected
-   components numbered 1..n; an instance mask keeps its values (one value = one lesion). That rule
-   is the project's one definition of lesion ids, so it lives in ``crc_lightning.io.lesions``,
-   shared with manifest validation and ``predict``.
+1. :func:`~crc_lightning.io.lesions.lesion_labels` — by the case's lesion rule, the 26-connected
+   components of ``mask > 0`` numbered 1..n (``components``), or one lesion per mask value
+   (``instance``). That rule is the project's one definition of lesion ids, so it lives in
+   ``crc_lightning.io.lesions``, shared with manifest validation and ``predict``.
 2. :func:`clean_slices` — each lesion's annotation is cleaned slice by slice with a 2D morphological
    opening (erosion then dilation), removing specks and thin bridges left by 3D annotation tools.
 3. :func:`select_slices` — a slice is kept when its cleaned area is at least ``epsilon`` times the
@@ -17,8 +17,14 @@ Step by step, for one CT volume and its lesion mask:
 
 The HU → grey window (the ``input.window`` config node, width 400 / level 40) is applied when crops
 are read (:func:`crc_lightning.data.inputs.window`), not here: the store keeps HU. Everything works
-inside each lesion's bounding box (``scipy.ndimage.find_objects``) and, for the crop, inside the crop window of one slice: nothing
-copies the full volume per lesion.
+inside each lesion's bounding box (``scipy.ndimage.find_objects``) and, for the crop, inside the crop
+window of one slice: nothing copies the full volume per lesion. The volumes arrive in the canonical
+voxel order (:mod:`crc_lightning.io.volume`), possibly as flipped views, so every crop is in the
+radiological view (anterior up, patient's right on the left) whatever the file's axis order.
+
+:class:`PreprocessParams` also holds the three reading options (``resample_mask``, ``gantry_tilt``,
+``nonfinite_hu``: :class:`~crc_lightning.io.ReadOptions`): they change voxels, so they are recorded
+with the store's parameters, enter every case hash and travel with a checkpoint to ``predict``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from crc_lightning.io import ReadOptions
 from crc_lightning.io.lesions import lesion_labels_in_box, nonzero_box
 
 __all__ = [
@@ -71,8 +78,12 @@ class PreprocessParams:
     min_area_mm2: float = 0.0
     border_mm: float = 10.0
     pad_hu: int = -1024
+    resample_mask: bool = False
+    gantry_tilt: str = "refuse"
+    nonfinite_hu: float | None = None
 
     def __post_init__(self) -> None:
+        self.read_options()  # validates the reading options
         if self.connectivity not in (6, 18, 26):
             raise ValueError(
                 f"preprocess.connectivity must be 6, 18 or 26, got {self.connectivity}"
@@ -103,16 +114,30 @@ class PreprocessParams:
         if unknown:
             raise ValueError(f"unknown preprocess parameter(s) {unknown}; known: {sorted(known)}")
         defaults = cls()
-        kwargs = {}
+        kwargs: dict = {}
         for key, value in cfg.items():
+            if key == "nonfinite_hu":
+                kwargs[key] = None if value is None else float(value)
+                continue
             kind = type(getattr(defaults, key))
-            if kind is int and float(value) != int(value):
+            if kind is bool:
+                if not isinstance(value, bool):
+                    raise ValueError(f"preprocess.{key} must be true or false, got {value!r}")
+            elif kind is int and float(value) != int(value):
                 raise ValueError(f"preprocess.{key} must be a whole number, got {value!r}")
             kwargs[key] = kind(value)
         return cls(**kwargs)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def read_options(self) -> ReadOptions:
+        """The reading options among these parameters (:class:`~crc_lightning.io.ReadOptions`)."""
+        return ReadOptions(
+            resample_mask=self.resample_mask,
+            gantry_tilt=self.gantry_tilt,
+            nonfinite_hu=self.nonfinite_hu,
+        )
 
 
 @dataclass
@@ -389,11 +414,13 @@ def preprocess_scan(
     raw_mask: np.ndarray,
     spacing_zyx: Sequence[float],
     params: PreprocessParams,
+    lesion_rule: str,
 ) -> tuple[list[Crop], list[LesionStats]]:
-    """Algorithm 1 on one scan as read (HU image and raw lesion mask on one grid): lesion labels of
-    the mask's non-zero box only (no full-size label map), then :func:`preprocess_volume` with that
+    """Algorithm 1 on one scan as read (HU image and raw lesion mask on one grid): lesion labels
+    (by ``lesion_rule``: ``components`` | ``instance``, :mod:`crc_lightning.io.lesions`) of the
+    mask's non-zero box only (no full-size label map), then :func:`preprocess_volume` with that
     offset. What the crop-store writer and ``predict`` both run, so their crops are identical."""
-    labels, box = lesion_labels_in_box(raw_mask, params.connectivity)
+    labels, box = lesion_labels_in_box(raw_mask, lesion_rule, params.connectivity)
     if box is None:
         return [], []
     offset = (box[0].start, box[1].start, box[2].start)

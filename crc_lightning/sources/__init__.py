@@ -12,8 +12,9 @@ kind           what it reads                                                    
 ``crlm``       TCIA Colorectal-Liver-Metastases (:mod:`.crlm`)                  none (OOD)
 =============  ===============================================================  ===============
 
-A loader takes the plain ``data`` mapping and the gene columns of the label set, validates what it
-can cheaply, and returns the cases; nothing is written except the synthetic cohort's own files.
+A loader takes the plain ``data`` mapping, the gene columns of the label set and the reading options
+(:class:`~crc_lightning.io.ReadOptions`, from ``preprocess.*``), validates what it can cheaply
+(for a manifest: every header, geometry and grid), and returns the cases; nothing is written except the synthetic cohort's own files.
 Unlabelled public sources are de-duplicated by content (:mod:`.dedupe`). Adding a source is adding
 one function to :data:`SOURCES`.
 """
@@ -25,14 +26,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from crc_lightning.io.errors import InputError
+from crc_lightning.io import InputError, ReadOptions
 from crc_lightning.sources.case import Case
 
 __all__ = ["SOURCES", "Case", "load_cases"]
 
 log = logging.getLogger(__name__)
 
-Loader = Callable[[Mapping[str, Any], tuple[str, ...]], list[Case]]
+Loader = Callable[[Mapping[str, Any], tuple[str, ...], ReadOptions], list[Case]]
 
 
 def _required(data: Mapping[str, Any], key: str, example: str) -> Any:
@@ -44,7 +45,7 @@ def _required(data: Mapping[str, Any], key: str, example: str) -> Any:
     return value
 
 
-def _synthetic(data: Mapping[str, Any], genes: tuple[str, ...]) -> list[Case]:
+def _synthetic(data: Mapping[str, Any], genes: tuple[str, ...], options: ReadOptions) -> list[Case]:
     from crc_lightning.sources.manifest import read_manifest
     from crc_lightning.sources.synthetic import ensure_synthetic_cohort
 
@@ -55,44 +56,61 @@ def _synthetic(data: Mapping[str, Any], genes: tuple[str, ...]) -> list[Case]:
         int(syn.get("seed", 2024)),
         float(syn.get("dicom_fraction", 0.25)),
     )
-    return read_manifest(csv, genes=genes, source=str(data.get("name", "synthetic")))
+    return read_manifest(
+        csv, genes=genes, source=str(data.get("name", "synthetic")), options=options
+    )
 
 
-def _manifest(data: Mapping[str, Any], genes: tuple[str, ...]) -> list[Case]:
+def _manifest(data: Mapping[str, Any], genes: tuple[str, ...], options: ReadOptions) -> list[Case]:
     from crc_lightning.sources.manifest import read_manifest
 
     csv = _required(data, "manifest", "data=manifest data.manifest=/path/labels.csv")
-    return read_manifest(Path(str(csv)), genes=genes, source=str(data.get("name", "cohort")))
+    return read_manifest(
+        Path(str(csv)),
+        genes=genes,
+        source=str(data.get("name", "cohort")),
+        options=options,
+        segments=segments_of(data),
+    )
 
 
-def _public(kind: str, walk: Callable[[Path], list[Case]]) -> Loader:
-    def load(data: Mapping[str, Any], genes: tuple[str, ...]) -> list[Case]:
+def segments_of(data: Mapping[str, Any]) -> Any:
+    """``data.segments`` (DICOM SEG masks: which segments are lesions) as a plain value."""
+    value = data.get("segments")
+    if value is None or isinstance(value, str):
+        return value
+    return tuple(int(n) for n in value)
+
+
+def _public(kind: str, walk: Callable[[Path, Mapping[str, Any]], list[Case]]) -> Loader:
+    def load(data: Mapping[str, Any], genes: tuple[str, ...], options: ReadOptions) -> list[Case]:
         from crc_lightning.sources.dedupe import dedupe_by_content
 
         root = Path(str(_required(data, "root", f"data={kind} data.root=/path/to/{kind}")))
-        kept, dropped = dedupe_by_content(walk(root))
+        kept, dropped = dedupe_by_content(walk(root, data), options)
         log.info("%s: %d cases, %d content duplicate(s) dropped", kind, len(kept), dropped)
         return kept
 
     return load
 
 
-def _lits(root: Path) -> list[Case]:
+def _lits(root: Path, data: Mapping[str, Any]) -> list[Case]:
     from crc_lightning.sources.lits import iter_lits
 
     return iter_lits(root)
 
 
-def _ircadb(root: Path) -> list[Case]:
+def _ircadb(root: Path, data: Mapping[str, Any]) -> list[Case]:
     from crc_lightning.sources.ircadb import iter_ircadb
 
     return iter_ircadb(root)
 
 
-def _crlm(root: Path) -> list[Case]:
-    from crc_lightning.sources.crlm import iter_crlm
+def _crlm(root: Path, data: Mapping[str, Any]) -> list[Case]:
+    from crc_lightning.sources.crlm import CRLM_TUMOUR_SEGMENTS, iter_crlm
 
-    return iter_crlm(root)
+    segments = segments_of(data) if "segments" in data else CRLM_TUMOUR_SEGMENTS
+    return iter_crlm(root, segments)
 
 
 SOURCES: dict[str, Loader] = {
@@ -104,14 +122,17 @@ SOURCES: dict[str, Loader] = {
 }
 
 
-def load_cases(data: Mapping[str, Any], genes: Sequence[str]) -> list[Case]:
-    """The cases the ``data`` config (a plain mapping with ``kind``) describes; an unknown kind or a
-    source that yields nothing is an :class:`InputError`."""
+def load_cases(
+    data: Mapping[str, Any], genes: Sequence[str], options: ReadOptions | None = None
+) -> list[Case]:
+    """The cases the ``data`` config (a plain mapping with ``kind``) describes, validated with the
+    reading ``options``; an unknown kind or a source that yields nothing is an
+    :class:`InputError`."""
     kind = str(data.get("kind"))
     loader = SOURCES.get(kind)
     if loader is None:
         raise InputError(None, f"unknown data.kind {kind!r}; expected one of {sorted(SOURCES)}")
-    cases = loader(data, tuple(str(g) for g in genes))
+    cases = loader(data, tuple(str(g) for g in genes), options or ReadOptions())
     if not cases:
         raise InputError(None, f"data '{data.get('name', kind)}' yielded no cases")
     return cases

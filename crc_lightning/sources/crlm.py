@@ -14,10 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from crc_lightning.io.errors import InputError
-from crc_lightning.sources.case import Case, require_dir, tumour_segments
+from crc_lightning.io import InputError, SegmentSelector
+from crc_lightning.io.seg import select_segments
+from crc_lightning.sources.case import Case, require_dir
 
-__all__ = ["CRLM_LAYOUT", "iter_crlm"]
+__all__ = ["CRLM_LAYOUT", "CRLM_TUMOUR_SEGMENTS", "iter_crlm"]
+
+CRLM_TUMOUR_SEGMENTS = "tumou?r"  # "Tumor_1", "tumour 2", … (conf/data/crlm.yaml: data.segments)
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +119,21 @@ def _crlm_case_id(patient_id: str) -> str:
     return "crlm-" + (re.sub(r"[^A-Za-z0-9._-]+", "_", short).strip("_") or "case")
 
 
-def iter_crlm(root: str | Path) -> list[Case]:
+def _names_lesions(seg: _Series, segments: SegmentSelector) -> bool:
+    try:
+        select_segments(dict(seg.segment_labels), segments, seg.file)
+    except InputError:
+        return False
+    return True
+
+
+def iter_crlm(root: str | Path, segments: SegmentSelector = CRLM_TUMOUR_SEGMENTS) -> list[Case]:
     """TCIA-CRLM cases: each SEG with tumour segments, paired with the CT series it annotates.
 
-    Mask rule ``seg_tumour``: only segments labelled like ``Tumor_1`` are kept (``tumou?r``).
-    SEGs without tumour segment, or whose CT is not found, are skipped with a warning.
+    Only the segments ``segments`` names are lesions (default: labels like ``Tumor_1``; the Liver,
+    Liver_Remnant, Hepatic and Portal segments overlap them and are left out), each segment one
+    lesion (lesion rule ``instance``, id = segment number). SEGs naming no such segment, or whose
+    CT is not found, are skipped with a warning.
     """
     root = require_dir(Path(root), CRLM_LAYOUT)
     series = _scan_series(root)
@@ -135,7 +148,7 @@ def iter_crlm(root: str | Path) -> list[Case]:
     no_tumour, no_ct = 0, 0
     pairs: list[tuple[_Series, _Series]] = []
     for seg in segs:
-        if not tumour_segments(dict(seg.segment_labels)):
+        if not _names_lesions(seg, segments):
             no_tumour += 1
             log.debug("CRLM SEG without tumour segment: %s", seg.file)
             continue
@@ -169,7 +182,9 @@ def iter_crlm(root: str | Path) -> list[Case]:
                 masks=(seg.file,),
                 lesions=None,
                 source="crlm",
-                mask_rule="seg_tumour",
+                mask_rule="single",
+                lesion_rule="instance",
+                segments=segments,
             )
         )
     return cases

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crc_lightning.io import read_image
+from crc_lightning.io import ReadOptions, read_image
 from crc_lightning.sources.case import Case
 
 __all__ = ["content_fingerprint", "dedupe_by_content"]
@@ -42,7 +42,9 @@ def content_fingerprint(array: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def dedupe_by_content(cases: Iterable[Case]) -> tuple[list[Case], int]:
+def dedupe_by_content(
+    cases: Iterable[Case], options: ReadOptions | None = None
+) -> tuple[list[Case], int]:
     """Drop cases whose image content repeats an earlier case's; ``(kept, n_dropped)``.
 
     First occurrence wins, in the order given (put the preferred source first). Each image is read
@@ -55,7 +57,7 @@ def dedupe_by_content(cases: Iterable[Case]) -> tuple[list[Case], int]:
     for case in cases:
         key = Path(case.image).resolve()
         if key not in by_image:
-            by_image[key] = content_fingerprint(read_image(case.image).array)
+            by_image[key] = content_fingerprint(read_image(case.image, options).array)
         fp = by_image[key]
         if fp in seen:
             dropped.append(case.case_id)

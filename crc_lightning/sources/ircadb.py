@@ -92,7 +92,8 @@ def iter_ircadb(root: str | Path) -> list[Case]:
                 masks=tuple(tumours),
                 lesions=None,
                 source="ircadb",
-                mask_rule="union_components",
+                mask_rule="union",
+                lesion_rule="components",
             )
         )
     if zipped:

@@ -73,6 +73,7 @@ def iter_lits(root: str | Path) -> list[Case]:
             lesions=None,
             source="lits",
             mask_rule="lits_tumour",
+            lesion_rule="components",
         )
         for n in paired
     ]

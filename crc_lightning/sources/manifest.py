@@ -5,14 +5,20 @@ Format (README, "Your cohort: the manifest")::
     patient_id,image,mask,lesion,KRAS,NRAS,BRAF,PIK3CA
 
 ``image``/``mask`` are relative to the CSV's folder (absolute paths allowed); ``lesion`` is the
-lesion's value in an instance mask, or its component number in a binary mask; empty or ``*`` means
-"every component of the mask carries this row's labels".
+lesion's value in the mask (an instance id; for a DICOM SEG the segment number); empty or ``*``
+means "every 26-connected component of ``mask > 0`` is a lesion carrying this row's labels",
+whatever the mask's values (0/1, 0/255, labels). That choice is the scan's **lesion rule**
+(``components`` for ``*`` rows, ``instance`` for explicit ids), carried by its :class:`Case` into
+preprocessing and ``predict`` (:mod:`crc_lightning.io.lesions`).
 
 Why validate everything first: a cohort manifest is typed by hand for hundreds of patients; the
 user must see *every* mistake in one go (each with its CSV line number), not one per 20-minute
 preprocessing run. The cheap checks (columns, values, files exist, duplicates) run on the whole
-file; only when they all pass are the masks read (once per mask file) to check that each lesion id
-exists. Nothing is ever written.
+file; then every scan's headers (no pixel decoded): the image is readable as what it claims, its
+DICOM series complete and regular (or tilted with ``gantry_tilt=resample``), its mask on the same
+physical grid (or ``resample_mask``), a SEG's frames on the image grid — so a cohort with one bad
+file fails in seconds, naming the file and the problem. Only when all that passes are the masks
+read (once per mask file) to check that each lesion id exists. Nothing is ever written.
 
 The CSV is parsed with the standard :mod:`csv` module rather than pandas because the error
 messages need exact physical line numbers (blank lines, quoted newlines) and the raw header
@@ -34,8 +40,17 @@ from pathlib import Path
 
 import numpy as np
 
-from crc_lightning.io import InputError, ManifestError, read_mask
-from crc_lightning.io.lesions import lesion_labels
+from crc_lightning.io import (
+    InputError,
+    ManifestError,
+    ReadOptions,
+    SegmentSelector,
+    Volume,
+    check_mask_grid,
+    read_image_grid,
+    read_mask,
+)
+from crc_lightning.io.lesions import lesion_labels_in_box
 from crc_lightning.sources.case import Case
 
 __all__ = ["BASE_COLUMNS", "GENES", "read_manifest", "safe_id"]
@@ -70,12 +85,18 @@ def read_manifest(
     genes: Sequence[str] = GENES,
     check_lesions: bool = True,
     source: str = "cohort",
+    options: ReadOptions | None = None,
+    segments: SegmentSelector = None,
+    check_geometry: bool = True,
 ) -> list[Case]:
     """Validate a cohort manifest and group its rows into one :class:`Case` per scan.
 
     Raises a single :class:`ManifestError` listing every problem found (with line numbers).
-    ``check_lesions`` also reads each mask once to check that the listed lesion ids exist.
+    ``check_geometry`` checks every scan's headers and grids (reading ``options``; ``segments``
+    names the lesion segments of DICOM SEG masks); ``check_lesions`` also reads each mask once to
+    check that the listed lesion ids exist.
     """
+    options = options or ReadOptions()
     csv_path = Path(csv_path)
     genes = tuple(genes)
     records, header_line, header = _read_csv(csv_path)
@@ -91,11 +112,16 @@ def read_manifest(
     _check_consistency(rows, problems)
     if problems:
         raise ManifestError(csv_path, problems)
-    if check_lesions:
-        _check_lesions(rows, problems)
+    grids: dict[Path, Volume] = {}
+    if check_geometry or check_lesions:
+        grids = _check_geometry(rows, problems, options, segments)
         if problems:
             raise ManifestError(csv_path, problems)
-    return _group(rows, csv_path.parent, source)
+    if check_lesions:
+        _check_lesions(rows, problems, grids, options, segments)
+        if problems:
+            raise ManifestError(csv_path, problems)
+    return _group(rows, csv_path.parent, source, segments)
 
 
 def _read_csv(path: Path) -> tuple[list[tuple[int, list[str]]], int, list[str]]:
@@ -272,42 +298,94 @@ def _check_consistency(rows: list[_Row], problems: list[str]) -> None:
                 )
 
 
-def _check_lesions(rows: list[_Row], problems: list[str]) -> None:
-    """Read each mask once; every listed lesion id must exist, every '*' mask must be non-empty."""
-    by_mask: dict[Path, list[_Row]] = {}
+def _scans(rows: list[_Row]) -> dict[tuple[Path, Path], list[_Row]]:
+    """Rows grouped by (image, mask), in order of first appearance."""
+    scans: dict[tuple[Path, Path], list[_Row]] = {}
     for row in rows:
-        if row.mask is not None:
-            by_mask.setdefault(_key(row.mask), []).append(row)  # type: ignore[arg-type]
-    for mask_rows in by_mask.values():
-        path = mask_rows[0].mask
-        lines = ", ".join(str(r.line) for r in mask_rows)
-        try:
-            raw = read_mask(path).array
-            labels = lesion_labels(raw)
-        except (InputError, ValueError) as exc:
-            problems.append(f"line(s) {lines}: cannot read mask {path}: {exc}")
+        if row.image is not None and row.mask is not None:
+            scans.setdefault((_key(row.image), _key(row.mask)), []).append(row)  # type: ignore[arg-type]
+    return scans
+
+
+def _lines(rows: list[_Row]) -> str:
+    return ", ".join(str(r.line) for r in rows)
+
+
+def _check_geometry(
+    rows: list[_Row], problems: list[str], options: ReadOptions, segments: SegmentSelector
+) -> dict[Path, Volume]:
+    """Headers only: every image's grid (cached per image), every mask against it. Returns the
+    image grids (zero-memory volumes) of the images that passed."""
+    grids: dict[Path, Volume] = {}
+    failed: set[Path] = set()
+    for (image, _mask), scan_rows in _scans(rows).items():
+        where = f"line(s) {_lines(scan_rows)}"
+        if image in failed:
             continue
-        binary = int(raw.max(initial=0)) <= 1
-        ids = np.unique(labels)
+        if image not in grids:
+            try:
+                grids[image] = read_image_grid(scan_rows[0].image, options)  # type: ignore[arg-type]
+            except InputError as exc:
+                problems.append(f"{where}: image {exc}")
+                failed.add(image)
+                continue
+        try:
+            check_mask_grid(scan_rows[0].mask, grids[image], options, segments)  # type: ignore[arg-type]
+        except InputError as exc:
+            problems.append(f"{where}: mask {exc}")
+    return grids
+
+
+def lesion_rule_of(rows: list[_Row]) -> str:
+    """``components`` when the scan's rows say ``*`` (every component), else ``instance``."""
+    return "components" if any(r.lesion is None for r in rows) else "instance"
+
+
+def _check_lesions(
+    rows: list[_Row],
+    problems: list[str],
+    grids: dict[Path, Volume],
+    options: ReadOptions,
+    segments: SegmentSelector,
+) -> None:
+    """Read each scan's mask once (on its image grid); every listed lesion id must exist, every
+    '*' mask must hold at least one component."""
+    for (image, _mask), scan_rows in _scans(rows).items():
+        path = scan_rows[0].mask
+        rule = lesion_rule_of(scan_rows)
+        try:
+            raw = read_mask(path, reference=grids[image], options=options, segments=segments)
+            labels, box = lesion_labels_in_box(raw.array, rule)
+        except (InputError, ValueError) as exc:
+            problems.append(f"line(s) {_lines(scan_rows)}: cannot read mask {path}: {exc}")
+            continue
+        if rule == "components":
+            if box is None:
+                problems.extend(
+                    f"line {r.line}: mask {path} is empty (no lesion)" for r in scan_rows
+                )
+            continue
+        ids = np.unique(labels) if box is not None else np.zeros(0, np.int32)
         ids = ids[ids != 0]
-        for row in mask_rows:
-            if row.lesion is None:
-                if ids.size == 0:
-                    problems.append(f"line {row.line}: mask {path} is empty (no lesion)")
-            elif binary and row.lesion > ids.size:
-                problems.append(
-                    f"line {row.line}: lesion {row.lesion} > {ids.size} component(s) of the "
-                    f"binary mask {path} (26-connected components are numbered 1..{ids.size})"
+        for row in scan_rows:
+            if row.lesion in set(ids.tolist()):
+                continue
+            shown = ", ".join(map(str, ids[:20].tolist())) + (" …" if ids.size > 20 else "")
+            hint = ""
+            if ids.size == 1:
+                hint = (
+                    f"; explicit lesion ids are mask values — for a binary mask (0/{ids[0]}) whose "
+                    "26-connected components are the lesions, write '*'"
                 )
-            elif not binary and row.lesion not in set(ids.tolist()):
-                shown = ", ".join(map(str, ids[:20].tolist())) + (" …" if ids.size > 20 else "")
-                problems.append(
-                    f"line {row.line}: lesion {row.lesion} is not a value of the instance mask "
-                    f"{path} (values: {shown or 'none'})"
-                )
+            problems.append(
+                f"line {row.line}: lesion {row.lesion} is not a value of the mask {path} "
+                f"(values: {shown or 'none'}){hint}"
+            )
 
 
-def _group(rows: list[_Row], folder: Path, source: str) -> list[Case]:
+def _group(
+    rows: list[_Row], folder: Path, source: str, segments: SegmentSelector = None
+) -> list[Case]:
     """One Case per (patient_id, image, mask), in order of first appearance."""
     groups: dict[tuple[str, Path, Path], list[_Row]] = {}
     for row in rows:
@@ -330,7 +408,9 @@ def _group(rows: list[_Row], folder: Path, source: str) -> list[Case]:
                 masks=(first.mask,),  # type: ignore[arg-type]
                 lesions=lesions,
                 source=source,
-                mask_rule="instance",
+                mask_rule="single",
+                lesion_rule=lesion_rule_of(group),
+                segments=segments,
             )
         )
     return cases

@@ -29,12 +29,13 @@ class _Case:
     masks: tuple[Path, ...]
     lesions: dict | None
     source: str = "cohort"
-    mask_rule: str = "instance"
+    mask_rule: str = "single"
+    lesion_rule: str = "instance"
     loads: list = field(default_factory=list)
 
-    def load(self) -> tuple[Volume, Volume]:
-        image = read_image(self.image)
-        return image, read_mask(self.masks[0], reference=image)
+    def load(self, options=None) -> tuple[Volume, Volume]:
+        image = read_image(self.image, options)
+        return image, read_mask(self.masks[0], reference=image, options=options)
 
     def input_files(self) -> list[Path]:
         return [self.image, *self.masks]
@@ -61,7 +62,8 @@ def _write_case(root: Path, pid: str, seed: int) -> _Case:
         None if values == [1] else v: {"KRAS": seed % 2, "NRAS": 0, "BRAF": 1, "PIK3CA": 0}
         for v in values
     }
-    return _Case(pid, pid, img, (msk,), lesions)
+    rule = "components" if values == [1] else "instance"
+    return _Case(pid, pid, img, (msk,), lesions, lesion_rule=rule)
 
 
 @pytest.fixture
@@ -240,7 +242,12 @@ def test_bad_cases_reported_together_and_nothing_written(cases, tmp_path):
     with pytest.raises(PreprocessError) as err:
         build_crop_store(cases, out, PARAMS, progress=False)
     msg = str(err.value)
-    assert "missing_ct.nii.gz" in msg and "small.nii.gz" in msg and "shape" in msg
+    assert (
+        "missing_ct.nii.gz" in msg
+        and "small.nii.gz" in msg
+        and "3×4×5 voxels" in msg
+        and "differs" in msg
+    )
     assert len(err.value.problems) == 2
     assert _files(out) == snapshot  # p1 was reused; nothing new, nothing removed
 

@@ -105,7 +105,7 @@ def test_predict_case_equals_the_run_test_predictions(trained) -> None:
     assert run_preds[PCOLS].std().min() > 1e-3
     for pid, expected in run_preds.groupby("patient_id"):
         lesions, slices = predict_case(
-            model, card, trained["image"][pid], trained["mask"][pid], pid
+            model, card, trained["image"][pid], trained["mask"][pid], pid, lesion_rule="instance"
         )
         assert list(lesions.columns) == ["patient_id", "lesion", "n_slices", *PCOLS]
         assert list(slices.columns) == ["patient_id", "lesion", "slice", "area_mm2", *PCOLS]
@@ -128,7 +128,9 @@ def test_predict_case_equals_the_run_test_predictions(trained) -> None:
         assert lesions["lesion"].tolist() == sorted(int(v) for v in np.unique(mask) if v)
     # and it discriminates: another CT window (350 instead of 400 HU) moves the probabilities
     other = {**card, "window": {"width": 350.0, "level": 40.0}}
-    _, moved = predict_case(model, other, trained["image"][pid], trained["mask"][pid], pid)
+    _, moved = predict_case(
+        model, other, trained["image"][pid], trained["mask"][pid], pid, lesion_rule="instance"
+    )
     moved = moved.sort_values(["lesion", "slice"]).reset_index(drop=True)
     assert np.abs(moved[PCOLS].to_numpy() - exp[PCOLS].to_numpy()).max() > 1e-3
 
@@ -138,7 +140,7 @@ def test_app_single_patient_writes_the_contract_files(trained, tmp_path, capsys)
     out = tmp_path / "pred"
     cfg = predict_cfg(
         trained, out, f"image={trained['image'][pid]}", f"mask={trained['mask'][pid]}",
-        f"patient_id={pid}",
+        f"patient_id={pid}", "lesion_rule=instance",  # the synthetic masks' values are the ids
     )  # fmt: skip
     summary = predict(cfg)
     lesions = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})
@@ -212,7 +214,8 @@ def test_export_is_pickle_free_and_equivalent(trained, tmp_path) -> None:
     x = torch.randn(3, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model2(x), model(x), rtol=0, atol=0)
-    for key in ("class_names", "res", "window", "normalize", "preprocess", "data", "weights"):
+    keys = ("class_names", "res", "window", "normalize", "preprocess", "data", "weights", "spacing")
+    for key in keys:
         assert card2[key] == card[key]
     assert card2["source"]["sha256"] != card["source"]["sha256"]
 
@@ -284,10 +287,10 @@ def test_manifest_streams_every_patient(trained, tmp_path, monkeypatch) -> None:
     alive: list[weakref.ref] = []
     original = cases.Case.load
 
-    def load(self):
+    def load(self, options=None):
         gc.collect()
         assert all(r() is None for r in alive), "an earlier patient's volume is still alive"
-        image, mask = original(self)
+        image, mask = original(self, options)
         alive.extend([weakref.ref(image), weakref.ref(mask)])
         return image, mask
 

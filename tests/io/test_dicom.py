@@ -132,14 +132,15 @@ def test_non_dicom_files_are_skipped(tmp_path, ct, series):
     np.testing.assert_array_equal(vol.array, ct.array)
 
 
-def test_mask_series_binarised_or_kept(tmp_path, ct):
+def test_mask_series_values_kept(tmp_path, ct):
+    """A 0/255 mask series (IRCADb) keeps its values: the lesion rule decides what they mean."""
     labels = np.zeros(ct.shape, np.int32)
     labels[2:4, 1:4, 2:6] = 255
     mask = Volume(labels, ct.spacing, ct.origin, ct.direction)
     folder = write_dicom_series(mask, tmp_path / "livertumor01", "P", rescale=(1.0, 0.0))
     read = read_mask(folder, reference=ct)
     assert read.array.dtype == np.int32
-    np.testing.assert_array_equal(read.array, (labels > 0).astype(np.int32))
+    np.testing.assert_array_equal(read.array, labels)
 
     inst = np.zeros(ct.shape, np.int32)
     inst[1, 1:3, 1:3], inst[4, 4:6, 5:8] = 1, 3
@@ -152,11 +153,11 @@ def test_mask_series_binarised_or_kept(tmp_path, ct):
 def test_mask_grid_mismatch_refused(tmp_path, ct):
     other = Volume(np.zeros(ct.shape, np.int32), (2.0, 0.7, 0.9), ct.origin, ct.direction)
     folder = write_dicom_series(other, tmp_path / "mask_spacing", "P", rescale=(1.0, 0.0))
-    with pytest.raises(InputError, match=r"mask_spacing.*spacing"):
+    with pytest.raises(InputError, match=r"mask_spacing.*of 2×0\.7×0\.9 mm.*differs.*2\.5×0\.7"):
         read_mask(folder, reference=ct)
     small = Volume(np.zeros((6, 7, 8), np.int32), ct.spacing, ct.origin, ct.direction)
     folder = write_dicom_series(small, tmp_path / "mask_shape", "P", rescale=(1.0, 0.0))
-    with pytest.raises(InputError, match=r"mask_shape.*shape"):
+    with pytest.raises(InputError, match=r"mask_shape.*6×7×8 voxels.*differs.*6×7×9 voxels"):
         read_mask(folder, reference=ct)
 
 

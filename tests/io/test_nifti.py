@@ -77,11 +77,13 @@ def test_read_hand_built_ras_file(tmp_path):
     affine[:3, 3] = [10.0, 20.0, 30.0]
     nib.save(nib.Nifti1Image(data, affine), tmp_path / "ras.nii.gz")
     vol = read_image(tmp_path / "ras.nii.gz")
-    assert vol.shape == (2, 3, 4)
-    np.testing.assert_array_equal(vol.array, data.transpose(2, 1, 0).astype(np.float32))
+    assert vol.shape == (2, 3, 4) and vol.source_orientation == "RAS"
+    # canonical order: x and y reversed (RAS → LPS), the corner voxel [0, 0, 0] moves with them
+    expected = data.transpose(2, 1, 0)[:, ::-1, ::-1].astype(np.float32)
+    np.testing.assert_array_equal(vol.array, expected)
     np.testing.assert_allclose(vol.spacing, (2.5, 0.9, 0.8))
-    np.testing.assert_allclose(vol.origin, (-10.0, -20.0, 30.0))
-    np.testing.assert_allclose(vol.direction, np.diag([-1.0, -1.0, 1.0]))
+    np.testing.assert_allclose(vol.origin, (-10.0 - 3 * 0.8, -20.0 - 2 * 0.9, 30.0))
+    np.testing.assert_allclose(vol.direction, np.eye(3))
 
 
 def test_scaled_nifti_values_applied(tmp_path):
@@ -91,7 +93,8 @@ def test_scaled_nifti_values_applied(tmp_path):
     img.header.set_slope_inter(2.0, -1024.0)
     nib.save(img, tmp_path / "scaled.nii")
     vol = read_image(tmp_path / "scaled.nii")
-    np.testing.assert_array_equal(vol.array, data.transpose(2, 1, 0) * 2.0 - 1024.0)
+    expected = (data.transpose(2, 1, 0) * 2.0 - 1024.0)[:, ::-1, ::-1]  # RAS → canonical LPS
+    np.testing.assert_array_equal(vol.array, expected)
 
 
 def test_storage_types(tmp_path, oblique_volume):
@@ -118,18 +121,18 @@ def test_mask_grid_checked_against_reference(tmp_path, oblique_volume):
 
     shape = Volume(np.zeros((4, 5, 7), np.uint8), oblique_volume.spacing)
     write_nifti(shape, tmp_path / "shape.nii.gz")
-    with pytest.raises(InputError, match=r"shape\.nii\.gz.*shape"):
+    with pytest.raises(InputError, match=r"shape\.nii\.gz.*4×5×7 voxels.*differs"):
         read_mask(tmp_path / "shape.nii.gz", reference=oblique_volume)
 
     spacing = Volume(labels, (3.0, 0.75, 0.7), oblique_volume.origin, oblique_volume.direction)
     write_nifti(spacing, tmp_path / "spacing.nii.gz")
-    with pytest.raises(InputError, match=r"spacing\.nii\.gz.*spacing"):
+    with pytest.raises(InputError, match=r"spacing\.nii\.gz.*×0\.7 mm.*differs"):
         read_mask(tmp_path / "spacing.nii.gz", reference=oblique_volume)
 
     shifted = np.asarray(oblique_volume.origin) + 5.0
     moved = Volume(labels, oblique_volume.spacing, shifted, oblique_volume.direction)
     write_nifti(moved, tmp_path / "moved.nii.gz")
-    with pytest.raises(InputError, match=r"moved\.nii\.gz.*origin"):
+    with pytest.raises(InputError, match=r"moved\.nii\.gz.*origin.*differs"):
         read_mask(tmp_path / "moved.nii.gz", reference=oblique_volume)
 
 

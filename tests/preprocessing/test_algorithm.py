@@ -43,21 +43,43 @@ def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_components_match_scipy_26_connectivity(seed):
     mask = np.random.default_rng(seed).random((20, 30, 40)) > 0.8  # many diagonal contacts
-    ours = lesion_labels(mask)
+    ours = lesion_labels(mask, "components")
     ref, n = ndi.label(mask, structure=np.ones((3, 3, 3)))
     assert ours.dtype == np.int32
     assert ours.max() == n > 10
     assert _same_partition(ours, ref)
     # documented numbering: scipy's raster order, also for a Fortran-ordered input (nibabel)
     assert np.array_equal(ours, ref)
-    assert np.array_equal(lesion_labels(np.asfortranarray(mask.astype(np.uint8))), ref)
+    fortran = np.asfortranarray(mask.astype(np.uint8))
+    assert np.array_equal(lesion_labels(fortran, "components"), ref)
+    # a reoriented view (negative strides) is labelled like its contiguous copy
+    view = mask[:, ::-1, ::-1]
+    assert np.array_equal(
+        lesion_labels(view, "components"),
+        ndi.label(np.ascontiguousarray(view), structure=np.ones((3, 3, 3)))[0],
+    )
+
+
+@pytest.mark.parametrize("value", [1, 255, 7])
+def test_components_rule_ignores_mask_values(value):
+    """0/1, 0/255 or a label map: with the components rule the lesions are those of mask > 0
+    (the 0/255 bug: a max-value heuristic made 0/255 one lesion "255")."""
+    mask = np.random.default_rng(4).random((12, 20, 20)) > 0.85
+    ref, n = ndi.label(mask, structure=np.ones((3, 3, 3)))
+    got = lesion_labels(mask.astype(np.uint8) * value, "components")
+    assert n > 3 and np.array_equal(got, ref)
+
+
+def test_unknown_lesion_rule_refused():
+    with pytest.raises(ValueError, match="lesion rule"):
+        lesion_labels(np.zeros((2, 2, 2), np.uint8), "binary")
 
 
 def test_components_6_connectivity_differs_and_matches_scipy():
     mask = np.zeros((3, 3, 3), np.uint8)
     mask[0, 0, 0] = mask[1, 1, 1] = 1  # corner contact only
-    assert lesion_labels(mask).max() == 1
-    six = lesion_labels(mask, connectivity=6)
+    assert lesion_labels(mask, "components").max() == 1
+    six = lesion_labels(mask, "components", connectivity=6)
     assert _same_partition(six, ndi.label(mask)[0]) and six.max() == 2
 
 
@@ -66,14 +88,17 @@ def test_instance_mask_is_kept_and_bad_masks_refused():
     inst[0, :2, :2] = 7
     inst[3, 3:, 3:] = 7  # one instance in two pieces stays one lesion
     inst[2, 0, 5] = 3
-    out = lesion_labels(inst)
+    out = lesion_labels(inst, "instance")
     assert out.dtype == np.int32 and np.array_equal(out, inst)
+    single = (inst == 7).astype(np.uint8)  # values {0, 1}: still one lesion, id 1, by the rule
+    assert np.array_equal(lesion_labels(single, "instance"), single)
+    assert lesion_labels(single, "components").max() == 2
     with pytest.raises(ValueError, match="non-negative"):
-        lesion_labels(-inst.astype(np.int32))
+        lesion_labels(-inst.astype(np.int32), "instance")
     with pytest.raises(ValueError, match="whole"):
-        lesion_labels(inst.astype(float) * 0.5)
+        lesion_labels(inst.astype(float) * 0.5, "instance")
     with pytest.raises(ValueError, match="3D"):
-        lesion_labels(inst[0])
+        lesion_labels(inst[0], "instance")
 
 
 # --------------------------------------------------------------------------- cleaning
@@ -94,7 +119,7 @@ def test_volume_areas_equal_full_slice_opening():
     including lesions touching the volume edge."""
     mask = _blobs(seed=3, p=0.85)
     mask[:, 0, :6] = True  # touch the border
-    labels = lesion_labels(mask)
+    labels = lesion_labels(mask, "components")
     params = PreprocessParams(opening_radius_px=1, epsilon=0.0, border_mm=2.0)
     spacing = (0.8, 0.8)
     crops, stats = preprocess_volume(np.zeros(mask.shape, np.float32), labels, spacing, params)
@@ -237,10 +262,11 @@ def test_box_only_labelling_gives_the_full_volume_result(instance):
     if instance:
         mask = mask * 9
     image = np.random.default_rng(1).normal(40, 50, mask.shape).astype(np.float32)
-    full = lesion_labels(mask)
-    inner, box = lesion_labels_in_box(mask)
+    rule = "instance" if instance else "components"
+    full = lesion_labels(mask, rule)
+    inner, box = lesion_labels_in_box(mask, rule)
     assert np.array_equal(full[box], inner) and not full[mask == 0].any()
-    assert lesion_labels_in_box(np.zeros((3, 4, 5), np.uint8))[1] is None
+    assert lesion_labels_in_box(np.zeros((3, 4, 5), np.uint8), rule)[1] is None
     params = PreprocessParams(border_mm=3.0)
     a, sa = preprocess_volume(image, full, (0.7, 0.7), params)
     offset = tuple(b.start for b in box)

@@ -102,14 +102,16 @@ def test_good_manifest(cohort, tmp_path, monkeypatch):
         assert got.image.resolve() == want.image.resolve()
         assert [m.resolve() for m in got.masks] == [m.resolve() for m in want.masks]
         assert got.lesions == want.lesions
-        assert (got.source, got.mask_rule) == ("cohort", "instance")
+        assert (got.source, got.mask_rule) == ("cohort", "single")
+    # the lesion rule comes from the rows: explicit ids → instance values, '*'/empty → components
+    assert [c.lesion_rule for c in cases] == ["instance", "components", "components", "instance"]
     assert read_manifest(csv)[0].case_id == cases[0].case_id  # deterministic ids
     _, mask = cases[0].load()
     np.testing.assert_array_equal(mask.array, _instance_mask((1, 2)))
     # genes are a parameter (vocabulary lives in conf/labels), and the source name too
     csv2 = _write(
         cohort / "m2.csv",
-        ["patient_id,image,mask,lesion,KRAS", "P2,images/p2.nii.gz,masks/p2.nii.gz,2,1"],
+        ["patient_id,image,mask,lesion,KRAS", "P1,images/p1.nii.gz,masks/p1.nii.gz,2,1"],
     )
     (only,) = read_manifest(csv2, genes=("KRAS",), source="mine")
     assert only.lesions == {2: {"KRAS": 1}} and only.source == "mine"
@@ -180,17 +182,15 @@ def test_bad_header_reports_missing_unknown_duplicate(cohort):
 def test_lesion_ids_checked_against_masks_once_per_file(cohort, monkeypatch):
     reads: list[str] = []
     real = cio.read_mask
-    monkeypatch.setattr(
-        manifest_mod, "read_mask", lambda p, reference=None: reads.append(p) or real(p)
-    )
+    monkeypatch.setattr(manifest_mod, "read_mask", lambda p, **kw: reads.append(p) or real(p, **kw))
     csv = _write(
         cohort / "lesions.csv",
         [
             HEADER,
             "P1,images/p1.nii.gz,masks/p1.nii.gz,1,1,0,0,0",
             "P1,images/p1.nii.gz,masks/p1.nii.gz,5,1,0,0,0",  # 5 absent from instance mask {1,2}
-            "P2,images/p2.nii.gz,masks/p2.nii.gz,2,0,0,0,0",  # component 2 of 2: fine
-            "P2,images/p2.nii.gz,masks/p2.nii.gz,3,0,0,0,0",  # component 3 > 2
+            "P2,images/p2.nii.gz,masks/p2.nii.gz,1,0,0,0,0",  # binary mask: value 1 exists
+            "P2,images/p2.nii.gz,masks/p2.nii.gz,2,0,0,0,0",  # ids are values, not components
         ],
     )
     with pytest.raises(ManifestError) as err:
@@ -198,7 +198,8 @@ def test_lesion_ids_checked_against_masks_once_per_file(cohort, monkeypatch):
     p = err.value.problems
     assert len(p) == 2
     assert p[0].startswith("line 3:") and "lesion 5" in p[0] and "values: 1, 2" in p[0]
-    assert p[1].startswith("line 5:") and "3 > 2 component(s)" in p[1] and "binary" in p[1]
+    assert p[1].startswith("line 5:") and "lesion 2" in p[1] and "values: 1" in p[1]
+    assert "binary mask (0/1)" in p[1] and "write '*'" in p[1]
     assert sorted(Path(r).name for r in reads) == ["p1.nii.gz", "p2.nii.gz"]  # once per file
 
     reads.clear()

@@ -79,7 +79,8 @@ def test_lits_load_keeps_tumour_label_only(lits_root):
     assert mask.array.dtype == np.int32
     np.testing.assert_array_equal(mask.array, expected)  # the liver (label 1) is gone
     n_scipy = ndimage.label(expected, STRUCT26)[1]
-    assert int(lesion_labels(mask.array).max()) == n_scipy == 2
+    assert iter_lits(lits_root)[0].lesion_rule == "components"
+    assert int(lesion_labels(mask.array, "components").max()) == n_scipy == 2
 
 
 def test_lits_input_files(lits_root):
@@ -147,14 +148,15 @@ def test_ircadb_tumour_folders_only(ircadb_root, caplog):
     assert "1 patient(s) without a tumour mask folder" in caplog.text
     case = cases[0]
     assert case.source == "ircadb" and case.lesions is None
-    assert case.mask_rule == "union_components"
+    assert (case.mask_rule, case.lesion_rule) == ("union", "components")
     assert [m.name for m in case.masks] == ["livertumor01", "LiverTumor02"]  # cyst, liver excluded
     image, mask = case.load()
     np.testing.assert_array_equal(image.array, _hu(1))
     m = _ircadb_masks()
     expected = ((m["livertumor01"] > 0) | (m["LiverTumor02"] > 0)).astype(np.int32)
     np.testing.assert_array_equal(mask.array, expected)
-    assert int(lesion_labels(mask.array).max()) == ndimage.label(expected, STRUCT26)[1] == 2
+    n = ndimage.label(expected, STRUCT26)[1]
+    assert int(lesion_labels(mask.array, "components").max()) == n == 2
 
 
 def test_ircadb_input_files_are_all_series_files_sorted(ircadb_root):
@@ -270,7 +272,8 @@ def test_crlm_pairs_seg_with_its_ct(crlm_root, caplog):
     assert "1 SEG file(s) without tumour segment" in caplog.text
     c1 = cases[0]
     assert c1.image.name == "2.000000-PORTAL"  # by ReferencedSeriesSequence, not the decoy
-    assert c1.masks[0].name == "1-1.dcm" and c1.mask_rule == "seg_tumour"
+    assert c1.masks[0].name == "1-1.dcm" and c1.mask_rule == "single"
+    assert (c1.lesion_rule, c1.segments) == ("instance", "tumou?r")
     assert c1.source == "crlm" and c1.lesions is None
 
 
@@ -279,10 +282,22 @@ def test_crlm_load_keeps_tumour_segments_only(crlm_root):
     c1, c2 = iter_crlm(crlm_root)
     image, mask = c1.load()
     np.testing.assert_array_equal(image.array, _hu(3))
-    # Liver / Liver_Remnant (which overlap the tumours) dropped; Tumor_1 → 1, Tumor_2 → 2
-    np.testing.assert_array_equal(mask.array, t1 + 2 * t2)
+    # Liver / Liver_Remnant (which overlap the tumours) dropped; values = segment numbers:
+    # Tumor_1 is segment 2, Tumor_2 segment 4
+    np.testing.assert_array_equal(mask.array, 2 * t1 + 4 * t2)
     _, mask2 = c2.load()
-    np.testing.assert_array_equal(mask2.array, t1)  # "Hepatic" (t2) excluded; "tumour A" kept
+    np.testing.assert_array_equal(mask2.array, 2 * t1)  # "Hepatic" (1) excluded; "tumour A" is 2
+
+
+def test_crlm_all_segments_overlap_is_refused_naming_them(crlm_root):
+    """Reading every segment of the overlapping SEG: one voxel would be two lesions."""
+    c1 = iter_crlm(crlm_root)[0]
+    c1.segments = None
+    with pytest.raises(InputError, match=r"1-1\.dcm: segments \d \('.*'\) and \d .* overlap"):
+        c1.load()
+    c1.segments = (2, 4)  # by number: Tumor_1, Tumor_2
+    _, t1, t2 = _crlm_masks()
+    np.testing.assert_array_equal(c1.load()[1].array, 2 * t1 + 4 * t2)
 
 
 def test_crlm_wrong_layout_names_root(lits_root):
@@ -321,7 +336,9 @@ def test_dedupe_drops_lits_copy_of_ircadb_patient(ircadb_root, tmp_path, caplog,
 
     calls: list[str] = []
     real = dedupe_mod.read_image
-    monkeypatch.setattr(dedupe_mod, "read_image", lambda p: calls.append(str(p)) or real(p))
+    monkeypatch.setattr(
+        dedupe_mod, "read_image", lambda p, o=None: calls.append(str(p)) or real(p, o)
+    )
     with caplog.at_level(logging.INFO, logger="crc_lightning.sources.dedupe"):
         kept, n = dedupe_by_content([*ircadb, *lits_cases, ircadb[0]])
     assert n == 2  # lits-28 and the repeated ircadb-1
@@ -337,5 +354,7 @@ def test_dedupe_drops_lits_copy_of_ircadb_patient(ircadb_root, tmp_path, caplog,
 def test_case_rejects_bad_rule(tmp_path):
     with pytest.raises(ValueError, match="mask_rule"):
         Case("a", "a", tmp_path, (tmp_path,), None, "x", mask_rule="nope")
+    with pytest.raises(ValueError, match="lesion rule"):
+        Case("a", "a", tmp_path, (tmp_path,), None, "x", lesion_rule="binary")
     with pytest.raises(ValueError, match="exactly one mask"):
         Case("a", "a", tmp_path, (tmp_path, tmp_path), None, "x", mask_rule="lits_tumour")
