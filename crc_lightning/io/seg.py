@@ -174,7 +174,7 @@ def check_seg_frames(
                 raise OffGridError(
                     path,
                     f"its pixel grid (pixel spacing {ps_r:g}×{ps_c:g} mm, orientation "
-                    f"{np.round(np.r_[row, col], 4).tolist()}) is not the grid of the image "
+                    f"{np.round(np.r_[row, col], 4).tolist()}) is not the grid of the image"
                     f"{_name(reference)} ({describe_grid(reference)}); "
                     "set preprocess.resample_mask=true to resample it",
                 )
@@ -199,7 +199,7 @@ def check_seg_frames(
             what.append(f"{len(outside)} outside the image")
         raise OffGridError(
             path,
-            f"{len(bad)} frame(s) of segment(s) {numbers} are not on the grid of the image "
+            f"{len(bad)} frame(s) of segment(s) {numbers} are not on the grid of the image"
             f"{_name(reference)} ({' and '.join(what)}): first-pixel positions {shown} mm LPS;"
             f" image grid {describe_grid(reference)}. Refused rather than dropped (set "
             "preprocess.resample_mask=true to resample the SEG onto the image grid)",
@@ -241,7 +241,7 @@ def _place(path: Path, seg, placed, reference: Volume, labels: dict[int, str]) -
     if outside:
         raise OffGridError(
             path,
-            f"{sum(outside)} annotated pixel(s) in {len(outside)} frame(s) lie outside the image "
+            f"{sum(outside)} annotated pixel(s) in {len(outside)} frame(s) lie outside the image"
             f"{_name(reference)} ({describe_grid(reference)}); refused rather than cropped",
         )
     return out

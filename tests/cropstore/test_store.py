@@ -270,3 +270,33 @@ def test_same_patient_twice_is_a_clear_error(cases, tmp_path):
 def test_missing_store_names_the_command(tmp_path):
     with pytest.raises(InputError, match=r"python -m crc_lightning\.preprocess"):
         CropStore(tmp_path / "nowhere")
+
+
+def test_store_records_orientation_spacing_and_what_was_resampled(cases, tmp_path):
+    """store.json: the canonical orientation, the CTs' spacing distribution (what a checkpoint
+    carries as its training range), the reading options, and how many masks were resampled."""
+    from crc_lightning.cropstore.format import store_facts
+
+    raw = tmp_path / "raw"
+    hu = np.random.default_rng(9).integers(-300, 400, size=(6, 40, 40)).astype(np.float32)
+    img = write_nifti(Volume(hu, (3.0, 0.6, 0.6)), raw / "p4_ct.nii.gz")
+    mask = np.zeros((6, 20, 20), np.uint8)
+    mask[1:5, 4:12, 5:13] = 1  # drawn on a 2× coarser in-plane grid
+    msk = write_nifti(Volume(mask, (3.0, 1.2, 1.2), (0.0, 0.3, 0.3)), raw / "p4_mask.nii.gz")
+    lesions = {None: {"KRAS": 0, "NRAS": 0, "BRAF": 0, "PIK3CA": 1}}
+    cases.append(_Case("p4", "p4", img, (msk,), lesions, lesion_rule="components"))
+    with pytest.raises(store_mod.PreprocessError, match=r"p4_mask\.nii\.gz.*resample_mask=true"):
+        build_crop_store(cases, tmp_path / "refused", PARAMS, progress=False)
+    out = tmp_path / "store"
+    summary = build_crop_store(cases, out, {**PARAMS, "resample_mask": True}, progress=False)
+    meta = CropStore(out).meta
+    assert meta["orientation"]["code"] == "LPS" and "radiological" in meta["orientation"]["meaning"]
+    assert meta["params"]["resample_mask"] is True and meta["params"]["gantry_tilt"] == "refuse"
+    spacing = meta["spacing"]
+    assert spacing["cases"] == 4 and spacing["axes"] == ["z", "y", "x"]
+    assert spacing["min"] == [2.0, 0.6, 0.6] and spacing["max"] == [3.0, 0.8, 0.8]
+    assert spacing["median"] == [2.0, 0.8, 0.8]
+    assert summary["masks_resampled"] == 1 and summary["images_resampled_for_tilt"] == 0
+    assert summary["source_orientations"] == {"LPS": 4}
+    assert summary["lesions"] == 5  # the resampled mask still has its lesion
+    assert store_facts(out)["spacing"] == {"min": [2.0, 0.6, 0.6], "max": [3.0, 0.8, 0.8]}

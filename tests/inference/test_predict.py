@@ -152,6 +152,7 @@ def test_app_single_patient_writes_the_contract_files(trained, tmp_path, capsys)
     got = lesions.set_index("lesion").loc[exp.index, PCOLS]
     np.testing.assert_allclose(got.to_numpy(), exp.to_numpy(), atol=1e-5)
     assert summary["n_lesions"] == len(lesions) and summary["n_slices"] == len(slices)
+    assert summary["n_spacing_outside_training"] == 0
     for lesion in lesions.query("n_slices > 0")["lesion"]:
         png = out / "saliency" / f"{pid}_{lesion}.png"
         assert png.is_file() and png.stat().st_size > 5000
@@ -159,6 +160,28 @@ def test_app_single_patient_writes_the_contract_files(trained, tmp_path, capsys)
     printed = capsys.readouterr().out
     assert f"patient {pid}" in printed and "p(KRAS)" in printed
     assert not list(out.glob(".tmp-*"))
+
+
+def test_card_carries_training_spacing_and_predict_warns_outside_it(trained, caplog) -> None:
+    import logging
+
+    from crc_lightning.cropstore.format import read_meta
+    from crc_lightning.inference.predictor import predict_volumes, spacing_warning
+    from crc_lightning.io import read_mask
+
+    model, card = load_model(trained["ckpt"])
+    store = read_meta(trained["base"] / "crops")["spacing"]
+    assert card["spacing"] == {"min": store["min"], "max": store["max"]}
+    pid = trained["run_preds"]["patient_id"].iloc[0]
+    image = read_image(trained["image"][pid])
+    mask = read_mask(trained["mask"][pid], reference=image)
+    assert spacing_warning(card, image.spacing) is None
+    thick = Volume(image.array, (3 * store["max"][0], *image.spacing[1:]), image.origin)
+    with caplog.at_level(logging.WARNING, logger="crc_lightning.inference.predictor"):
+        lesions, _ = predict_volumes(model, card, thick, mask, pid, lesion_rule="instance")
+    assert "outside the training range" in caplog.text and pid not in caplog.text
+    assert "outside the training range" in lesions.attrs["spacing_warning"]
+    assert spacing_warning({**card, "spacing": None}, thick.spacing) is None  # old checkpoints
 
 
 # ----------------------------------------------------------------------------- safety

@@ -14,9 +14,12 @@ from pydicom.uid import generate_uid
 
 from crc_lightning.io import (
     InputError,
+    ReadOptions,
     Volume,
     read_image,
+    read_image_grid,
     read_mask,
+    same_grid,
     write_dicom_series,
     write_nifti,
 )
@@ -265,3 +268,60 @@ def test_files_without_preamble_are_read(tmp_path, ct, series):
         path.write_bytes(path.read_bytes()[132:])  # strip preamble + 'DICM'
         assert not pydicom.misc.is_dicom(path)
     np.testing.assert_array_equal(read_image(series).array, ct.array)
+
+
+def _tilted(tmp_path, name: str = "tilted", low: int = -200, drift_px: float = 1.0):
+    """A series whose slice k is shifted by k·drift_px rows along the column cosine (gantry tilt),
+    and the untilted source volume."""
+    rng = np.random.default_rng(11)
+    src = rng.integers(low, 300, size=(5, 12, 10)).astype(np.float32)
+    vol = Volume(src, (2.0, 0.8, 0.7), (10.0, -20.0, 30.0))
+    folder = write_dicom_series(vol, tmp_path / name, "P", rescale=(1.0, min(low, 0)))
+    for path, ds in _by_position(folder):
+        k = round((float(ds.ImagePositionPatient[2]) - 30.0) / 2.0)
+        ipp = np.array(ds.ImagePositionPatient, float) + k * drift_px * 0.8 * np.array([0, 1, 0])
+        _edit(path, ImagePositionPatient=[f"{v:.6f}" for v in ipp])
+    return folder, src
+
+
+def test_gantry_tilt_refused_by_default_and_resampled_on_request(tmp_path):
+    folder, src = _tilted(tmp_path)
+    with pytest.raises(InputError, match=r"tilted.*gantry tilt.*preprocess\.gantry_tilt=resample"):
+        read_image(folder)
+    vol = read_image(folder, ReadOptions(gantry_tilt="resample"))
+    assert vol.resampled and vol.shape == src.shape
+    np.testing.assert_allclose(vol.origin, (10.0, -20.0, 30.0))
+    # oracle by hand: slice k really lies k rows further along y, so on the orthogonal grid
+    # out[k, r] = src[k, r - k]; rows brought in from outside the scanned field are air
+    for k in range(src.shape[0]):
+        np.testing.assert_allclose(vol.array[k, k:], src[k, : src.shape[1] - k], atol=1e-3)
+        assert (vol.array[k, :k] == -1024).all()
+    labels, lab = _tilted(tmp_path, "labels", low=0)  # a mask series drawn on the tilted scan
+    mask = read_mask(labels, reference=vol, options=ReadOptions(gantry_tilt="resample"))
+    assert mask.array.dtype == np.int32 and same_grid(vol, mask)
+    for k in range(lab.shape[0]):  # nearest neighbour: labels moved, never blended
+        np.testing.assert_array_equal(mask.array[k, k:], lab[k, : lab.shape[1] - k])
+        assert (mask.array[k, :k] == 0).all()
+
+
+def test_uneven_tilt_refused_even_with_resampling(tmp_path):
+    folder, _ = _tilted(tmp_path)
+    path, ds = _by_position(folder)[2]
+    _edit(
+        path,
+        ImagePositionPatient=[f"{v + d:.6f}" for v, d in zip(ds.ImagePositionPatient, (0.5, 0, 0))],
+    )
+    with pytest.raises(InputError, match=r"constant vector"):
+        read_image(folder, ReadOptions(gantry_tilt="resample"))
+
+
+def test_grid_from_headers_without_decoding_pixels(series, ct, monkeypatch):
+    import crc_lightning.io.dicom as dicom_mod
+
+    def boom(*args):
+        raise AssertionError("pixels decoded for a header check")
+
+    monkeypatch.setattr(dicom_mod, "_pixels", boom)
+    grid = read_image_grid(series)
+    assert grid.shape == ct.shape and same_grid(grid, ct.canonical())
+    assert grid.array.strides == (0, 0, 0)  # zero memory

@@ -241,3 +241,46 @@ def test_invalid_lesion_cell_is_not_also_a_star_row(cohort):
     assert len(p) == 2, p
     assert p[0].startswith("line 2:") and "lesion '0' is not a positive integer" in p[0]
     assert p[1].startswith("line 4:") and "'P/9'" in p[1]
+
+
+def test_headers_and_grids_checked_before_any_voxel_is_read(cohort, tmp_path, monkeypatch):
+    """One incomplete DICOM series and one mask on another grid: both reported, with their lines
+    and files, from headers alone (no pixel decoded, no NIfTI data read, no mask read)."""
+    import crc_lightning.io.dicom as dicom_mod
+    import crc_lightning.io.nifti as nifti_mod
+    from crc_lightning.io import ReadOptions, write_dicom_series
+
+    series = write_dicom_series(
+        Volume(np.zeros(SHAPE, np.float32), (2.0, 0.8, 0.8)), cohort / "images" / "dcm", "P4"
+    )
+    sorted(series.iterdir())[3].unlink()  # a slice lost in the export
+    write_nifti(Volume(_instance_mask((1,)), (2.0, 0.4, 0.8)), cohort / "masks" / "fine.nii.gz")
+
+    def boom(*args, **kwargs):
+        raise AssertionError("voxels read during header validation")
+
+    for module, name in (
+        (dicom_mod, "_pixels"),
+        (nifti_mod, "read_nifti"),
+        (manifest_mod, "read_mask"),
+    ):
+        monkeypatch.setattr(module, name, boom)
+    csv = _write(
+        cohort / "geo.csv",
+        [
+            HEADER,
+            "P1,images/p1.nii.gz,masks/p1.nii.gz,1,1,0,0,0",
+            "P4,images/dcm,masks/p3.nii.gz,*,0,0,0,0",
+            "P5,images/p2.nii.gz,masks/fine.nii.gz,1,0,0,0,0",
+        ],
+    )
+    with pytest.raises(ManifestError) as err:
+        read_manifest(csv)
+    p = err.value.problems
+    assert len(p) == 2, p
+    assert p[0].startswith("line(s) 3: image") and "dcm" in p[0] and "missing slice" in p[0]
+    assert p[1].startswith("line(s) 4: mask") and "fine.nii.gz" in p[1] and "differs" in p[1]
+    # with resampling allowed the mask passes; the broken series still does not
+    with pytest.raises(ManifestError) as err:
+        read_manifest(csv, check_lesions=False, options=ReadOptions(resample_mask=True))
+    assert len(err.value.problems) == 1 and "missing slice" in err.value.problems[0]
