@@ -325,9 +325,8 @@ def write_dicom_seg(
 
     The mask must be on the series' grid (shape, spacing, orientation and origin) up to its axis
     order (a mask read by this package is in the canonical order, the series in slice order). Empty
-    frames are
-    omitted (highdicom default), so a reader must place frames by position. Written to a temporary
-    name and renamed into place.
+    frames are omitted (highdicom default), so a reader must place frames by position. Written to a
+    temporary name and renamed into place.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes

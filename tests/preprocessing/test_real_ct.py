@@ -147,3 +147,22 @@ def test_binary_organ_mask_any_foreground_value_same_lesions(scan, value):
     assert got.keys() == ref.keys() and {lesion for lesion, _ in got} >= {1}
     for key in ref:
         np.testing.assert_array_equal(got[key], ref[key])
+
+
+def test_nan_in_a_real_ct_is_refused_naming_file_and_count(scan):
+    import nibabel as nib
+
+    from crc_lightning.io import InputError, ReadOptions
+
+    ct = nib.load(scan["ct"])
+    data = np.asanyarray(ct.dataobj).astype(np.float32)
+    data[60, 50, 10:14] = np.nan  # 4 voxels lost in a float export
+    data[0, 0, 0] = np.inf
+    path = scan["tmp"] / "ct_nan.nii.gz"
+    nib.save(nib.Nifti1Image(data, ct.affine), path)
+    with pytest.raises(InputError, match=r"ct_nan\.nii\.gz: 5 voxel\(s\) are NaN or infinite"):
+        read_image(path)
+    filled = read_image(path, ReadOptions(nonfinite_hu=-1024))
+    assert np.isfinite(filled.array).all()
+    changed = filled.array != read_image(scan["ct"]).array
+    assert 0 < changed.sum() <= 5 and (filled.array[changed] == -1024).all()
