@@ -110,12 +110,17 @@ def _image_file_kind(path: Path) -> str:
     raise InputError(path, f"unsupported image input ({_EXPECTED})")
 
 
+def _existing(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, f"{what} not found")
+    return path
+
+
 def read_image(path: str | Path, options: ReadOptions | None = None) -> Volume:
     """Read a CT image as float32 HU in the canonical voxel order (module docstring)."""
     options = options or ReadOptions()
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "image not found")
+    path = _existing(path, "image")
     if path.is_dir():
         return read_dicom_series(path, options)
     kind = _image_file_kind(path)
@@ -130,12 +135,9 @@ def read_image(path: str | Path, options: ReadOptions | None = None) -> Volume:
 def read_image_grid(path: str | Path, options: ReadOptions | None = None) -> Volume:
     """The canonical grid :func:`read_image` would return, from headers only (zero-memory
     volume); every refusal the reader makes from headers (layout, geometry, tilt) happens here."""
-    options = options or ReadOptions()
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "image not found")
+    path = _existing(path, "image")
     if path.is_dir():
-        return dicom_series_grid(path, options)
+        return dicom_series_grid(path, options or ReadOptions())
     kind = _image_file_kind(path)
     return read_nifti_grid(path) if kind == "nifti" else enhanced_grid(path)
 
@@ -156,9 +158,7 @@ def read_mask(
     geometries, or resampled (nearest neighbour) with ``options.resample_mask``.
     """
     options = options or ReadOptions()
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "mask not found")
+    path = _existing(path, "mask")
     if path.is_dir():
         mask = read_dicom_mask_series(path, options)
     elif is_nifti_path(path):
@@ -197,9 +197,7 @@ def fit_mask(mask: Volume, reference: Volume, options: ReadOptions) -> Volume:
 def read_mask_grid(path: str | Path, options: ReadOptions | None = None) -> Volume | None:
     """The canonical grid of a NIfTI or DICOM-series mask from headers only; ``None`` for a DICOM
     SEG (it has no grid of its own: :func:`check_mask_grid` checks its frames instead)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "mask not found")
+    path = _existing(path, "mask")
     if path.is_dir():
         return dicom_series_grid(path, options)
     if is_nifti_path(path):

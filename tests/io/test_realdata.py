@@ -11,15 +11,8 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from crc_lightning.io import (
-    InputError,
-    ReadOptions,
-    Volume,
-    read_image,
-    read_image_grid,
-    read_mask,
-    write_dicom_series,
-)
+import crc_lightning.io as cio
+from crc_lightning.io import InputError, ReadOptions, Volume, read_image, read_mask
 from tests.helpers.realdata import pydicom_file, realdata
 
 CT2 = ("17106", "17136", "17166", "17196")  # dicomdirtests/77654033/CT2: z -99.48, 103.02 …
@@ -94,10 +87,10 @@ def test_enhanced_ct_reads_like_simpleitk_and_like_a_series(tmp_path):
         np.testing.assert_allclose(vol.spacing[::-1], ref.GetSpacing(), rtol=1e-6)
         np.testing.assert_allclose(vol.origin, ref.GetOrigin(), atol=1e-4)
         np.testing.assert_allclose(vol.direction.ravel(), ref.GetDirection(), atol=1e-6)
-        grid = read_image_grid(source)  # header only
+        grid = cio.read_image_grid(source)  # header only
         assert grid.shape == vol.shape and np.allclose(grid.origin, vol.origin)
     # the same frames as a classic one-file-per-slice series give the same volume
-    series = write_dicom_series(vol, tmp_path / "as_series", "P")
+    series = cio.write_dicom_series(vol, tmp_path / "as_series", "P")
     np.testing.assert_array_equal(read_image(series).array, vol.array)
 
 
