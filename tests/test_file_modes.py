@@ -35,7 +35,8 @@ def test_every_written_file_is_0644(tmp_path, app_config) -> None:
         run(app_config(
             "run", f"data.store={store}", f"paths.output_dir={job}", "res=32", "trainer=cpu",
             "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "print_metrics=false",
-            "model.backbone.weights=none", "split.test_size=0.25", "split.val_size=0.2",
+            "model.backbone.weights=none", "split=holdout", "split.test_size=0.25",
+            "split.val_size=0.2",
         ))  # fmt: skip
         pretrain(app_config(
             "pretrain", "ood=none", f"ood_stores=[{store}]", "res=32", "epochs=1",
@@ -44,7 +45,7 @@ def test_every_written_file_is_0644(tmp_path, app_config) -> None:
         ))  # fmt: skip
         report_from_jobs([job], tmp_path / "report", permutations=10, store=store,
                          window=(400.0, 40.0))  # fmt: skip
-        ckpt = job / "checkpoints" / "best.ckpt"
+        ckpt = job / "checkpoints" / "fold0" / "best.ckpt"
         export_model(load_model(ckpt)[0], tmp_path / "export" / "model.safetensors")
         raw = store.parent / "raw"  # where synthetic_store generates the cohort
         first = pd.read_csv(raw / "labels.csv", dtype={"patient_id": str}).iloc[0]
@@ -56,7 +57,8 @@ def test_every_written_file_is_0644(tmp_path, app_config) -> None:
     finally:
         os.umask(old)
     modes = _modes(tmp_path)
-    for must in ("job/metrics.json", "job/predictions.csv", "job/checkpoints/best.ckpt",
+    for must in ("job/metrics.json", "job/predictions.csv", "job/checkpoints/fold0/best.ckpt",
+                 "job/val_predictions.csv", "job/splits.json",
                  "report/report.md", "report/fig2_sample_crops.png", "export/model.safetensors",
                  "pred/predictions.csv", "pred/predict.json", "data/crops/syn/index.parquet",
                  "data/crops/syn/store.json", "pre/pretrain.json"):  # fmt: skip

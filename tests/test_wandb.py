@@ -79,7 +79,7 @@ def sweep(store, tmp_path_factory) -> Path:
         sys.executable, "-m", "crc_lightning.run", "-m", "seed=0,1", "logger=wandb", "trainer=cpu",
         f"data.store={store}", f"paths.root_dir={tmp}", f"hydra.sweep.dir={sweep_dir}", "res=32",
         "model.backbone.weights=none", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-        "datamodule.batch_size=4", "split.test_size=0.25",
+        "datamodule.batch_size=4", "split.n_splits=2",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=env, timeout=300)
@@ -98,7 +98,9 @@ def test_two_jobs_give_two_runs_in_the_sweeps_group(sweep) -> None:
         assert f["group"] == "grid-lr"  # the sweep folder's name
         assert f["name"] == f"baseline/res32/seed{seed}" and f["job_type"] == "run"
         assert "run" in f["tags"] and f["exit_code"] == 0
-        assert {"final/test/image/auc", "final/test/lesion/auc", "val/auc"} <= f["summary"]
+        # one W&B run per job although the job trains 2 folds: epoch metrics prefixed per fold
+        assert {"final/test/image/auc", "final/test/lesion/auc"} <= f["summary"]
+        assert {"fold0-val/auc", "fold1-val/auc", "fold1-train/loss"} <= f["summary"]
         assert {"variant", "seed", "optimizer/lr"} <= f["config"]
         facts.append(f)
     assert facts[0]["id"] != facts[1]["id"]

@@ -5,13 +5,18 @@ A thin Hydra shell over :func:`pretrain`, which tests call with a composed confi
 1. seed everything; resolve the OOD stores (``ood=<name>`` / ``ood=[lits,ircadb]`` select
    ``conf/ood/*.yaml``, whose ``sources`` merge; ``ood_stores=[folder, ...]`` adds any store). The
    default ``ood=synthetic`` builds the synthetic OOD cohort once, from a seed other than the
-   target cohort's. Patients in ``data.exclude_patients`` and — when the target cohort is in the
-   pool — its test patients (``exclude_test_of``) are dropped;
+   target cohort's. Patients in ``data.exclude_patients`` are dropped, and when the target cohort's
+   store is in the pool (``exclude_test_of.store``), every labelled patient of it (default
+   ``exclude_test_of.patients=all``: under the default ``split=cv`` every one is a test patient), or
+   with ``patients=test`` only those the run's own split function tests for ``exclude_test_of.seeds``
+   (:func:`~crc_lightning.data.ssl.target_test_patients`);
 2. fit :class:`SimCLRModule` on :class:`SSLDataModule` for ``epochs`` epochs; a numbered checkpoint
    every ``checkpoint_every_n_epochs`` and ``last.ckpt`` every epoch, in a folder that depends only
    on the run's settings, so a killed job continues with ``ckpt_path=last``;
 3. export the backbone (+ attention) weights and metadata to ``weights_file`` (default
-   ``${paths.weights_dir}/simclr_res<res>[_sa].ckpt``), the file ``variant=oodp|oodp_sa`` loads.
+   ``${paths.weights_dir}/simclr_res<res>[_sa].ckpt``), the file ``variant=oodp|oodp_sa`` loads,
+   with the salted hashes of the pool's patients (:func:`~crc_lightning.models.simclr.pool_record`):
+   ``run`` refuses the file if its pool holds one of the run's test patients.
 
 ``trainer=ddp|ddp_sim`` runs one job on 2 devices (crc_lightning.distributed), in single runs and
 ``-m`` sweeps: NT-Xent then gathers the negatives of every rank. In a sweep the progress bar is off
@@ -39,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from crc_lightning.apps._hydra import (
     CONF_DIR,
     AbortRun,
+    UsageError,
     instantiate,
     instantiate_loggers,
     is_multirun,
@@ -238,26 +244,68 @@ class DistinctWeightsCallback(HydraCallback):
         )
 
 
+EXCLUDE_MODES = ("all", "test")
+
+
 def _exclusions(cfg: DictConfig, stores: dict[str, Path]) -> dict[str, list[str]]:
-    """``{store name: test patient ids}`` for the OOD store that is the target cohort, if any."""
+    """``{store name: patient ids}`` to drop from the OOD store(s) that are the target cohort.
+
+    ``exclude_test_of.patients``: ``all`` (default) — every labelled patient of the target, the
+    simple safe choice (under ``split=cv`` each of them is a test patient of every repeat anyway);
+    ``test`` — the patients the run's own split function tests (``exclude_test_of.split``,
+    ``seeds``, ``exclude_patients``; :func:`~crc_lightning.data.ssl.target_test_patients`), which
+    keeps the training patients of a ``split=holdout`` grid in the pool.
+    """
     target = cfg.exclude_test_of.get("store")
     if not target:
         return {}
+    from crc_lightning.cropstore.reader import CropStore
+    from crc_lightning.data.datamodule import labelled_rows
+    from crc_lightning.data.labels import LabelSet
     from crc_lightning.data.ssl import target_test_patients
 
+    mode = str(cfg.exclude_test_of.get("patients", "all"))
+    if mode not in EXCLUDE_MODES:
+        raise UsageError(f"exclude_test_of.patients must be all or test, got {mode!r}")
     target = Path(str(target)).resolve()
     names = [k for k, v in stores.items() if v.resolve() == target]
     if not names:
         log.info("exclude_test_of.store is not one of the OOD stores: nothing to exclude")
         return {}
-    ids = target_test_patients(
-        target,
-        plain(cfg.exclude_test_of.labels),
-        plain(cfg.exclude_test_of.split),
-        [int(s) for s in cfg.exclude_test_of.seeds],
-    )
-    log.info("excluding %d test patient(s) of the target cohort from the OOD pool", len(ids))
+    labels = LabelSet.from_config(plain(cfg.exclude_test_of.labels))
+    if mode == "all":
+        rows = labelled_rows(CropStore(target), labels)
+        ids = sorted(set(rows["patient_id"].astype(str)))
+    else:
+        ids = target_test_patients(
+            target,
+            labels,
+            plain(cfg.exclude_test_of.split),
+            [int(s) for s in cfg.exclude_test_of.seeds],
+            [str(p) for p in cfg.exclude_test_of.get("exclude_patients") or []],
+        )
+    log.info("excluding %d %s patient(s) of the target cohort from the OOD pool", len(ids),
+             "labelled" if mode == "all" else "test")  # fmt: skip
     return {n: ids for n in names}
+
+
+def pool_patient_keys(pool: Any, stores: Mapping[str, Path]) -> set[str]:
+    """:func:`~crc_lightning.models.simclr.patient_key` of every patient left in the OOD pool,
+    from each store's own ``source`` column (what the run app reads from its store)."""
+    from crc_lightning.cropstore.reader import CropStore
+    from crc_lightning.models.simclr import patient_key
+
+    keys: set[str] = set()
+    for name, rows in pool.index.groupby("source"):
+        index = CropStore(stores[str(name)]).index
+        source = (
+            index.set_index(index["crop_id"].astype(str))["source"]
+            if "source" in index.columns
+            else None
+        )
+        for crop, pid in zip(rows["crop_id"], rows["patient_id"], strict=True):
+            keys.add(patient_key("" if source is None else source[str(crop)], pid))
+    return keys
 
 
 @task_wrapper
@@ -378,7 +426,8 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         if cfg.export:
-            export_simclr_weights(model, weights_file, meta)
+            keys = pool_patient_keys(datamodule.pool, stores)
+            export_simclr_weights(model, weights_file, meta, pool_patients=keys)
             log.info("SimCLR weights written to %s", weights_file)
         out = OmegaConf.select(cfg, "paths.output_dir", throw_on_resolution_failure=False)
         if out:

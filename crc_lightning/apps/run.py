@@ -1,22 +1,36 @@
-"""``python -m crc_lightning.run``: train the mutation classifier on one split, test its best epoch.
+"""``python -m crc_lightning.run``: train the mutation classifier on every fold of one seed's split,
+test each fold's best epoch, pool the out-of-fold predictions.
 
 A thin Hydra shell over :func:`run`, which tests call with a composed config. One job:
 
-1. seed everything (``seed``), build the crop-store datamodule and the classifier from the config;
-2. fit with early stopping on ``val/loss`` and keep the best epoch (``conf/callbacks/default.yaml``);
-3. re-validate and test the *best* checkpoint on the held-out patients;
-4. write ``metrics.json`` (image / lesion / patient metrics, README "What each stage writes") and
-   ``predictions.csv`` (one row per test crop) into the job's output folder; print the metrics.
+1. plan its folds (``split=``; :func:`crc_lightning.data.splits.plan_folds`): ``cv`` (default) the
+   ``split.n_splits`` folds of the seed's patient-grouped stratified k-fold, so every patient is
+   tested once; ``holdout`` the paper's one 90/10 split; ``kfold`` fold ``split.fold`` of the ``cv``
+   partition (one fold per job, for clusters); or the folds of ``split.file=<splits.json>``. A SimCLR
+   backbone whose pretraining pool holds one of the job's test patients is refused;
+2. per fold: seed everything (``seed``), the datamodule on that fold, a fresh classifier; fit with
+   early stopping on the fold's inner validation (``val/loss``), keep the best epoch
+   (``checkpoints/fold<f>/best.ckpt``), re-validate and test that *best* checkpoint;
+3. write ``predictions.csv`` (every test crop, with its fold), ``val_predictions.csv`` (each fold's
+   inner-validation crops, by that fold's best checkpoint), ``splits.json`` (patient ids per side
+   and fold: a local file, never logged) and ``metrics.json`` (metrics of the pooled out-of-fold
+   test predictions, per-fold validation, the split summary, config hash and package version),
+   README "What each stage writes"; print the metrics.
 
-A sweep re-run (``resume=true``) returns a finished job's stored metrics instead of training again.
-Nothing identifying (patient ids, paths, images) is sent to experiment loggers: only the plain
-settings below and the epoch metrics.
+Under DDP (``trainer=ddp|ddp_sim``) the child rank runs the same folds in step; the process group
+lives for the whole job. A sweep re-run (``resume=true``) returns a finished job's stored metrics
+unless its resolved config, the package version, the crop store, the backbone weights file or the
+split file changed since (:func:`changed_inputs`). Nothing identifying (patient ids, paths, images)
+is sent to experiment loggers: only the plain settings below and the epoch metrics (``fold<f>-``
+prefixed when a job trains several folds).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,19 +56,66 @@ from crc_lightning.apps._hydra import (
     task_wrapper,
     track_loggers,
 )
+from crc_lightning.apps.callbacks import check_optimized_metric
 from crc_lightning.cropstore.format import store_facts
+from crc_lightning.io.errors import InputError
 from crc_lightning.io.files import sha256_file, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["format_metrics", "job_summary_line", "main", "predictions_frame", "run"]
+__all__ = [
+    "changed_inputs",
+    "config_hash",
+    "format_metrics",
+    "job_summary_line",
+    "main",
+    "plan_job",
+    "predictions_frame",
+    "run",
+]
 
 PRED_ID_COLUMNS = ["patient_id", "lesion", "crop_id", "slice"]
+# left out of config_hash: where things are, how the run is shown, what a sweeper reads
+HASH_SKIP_TOP = ("paths", "hydra", "logger", "resume", "print_metrics", "optimized_metric",
+                 "optimized_mode")  # fmt: skip
+HASH_SKIP_KEYS = frozenset({"enable_progress_bar", "enable_model_summary", "log_every_n_steps"})
+_PATH_KEY = re.compile(r"(^|_)(path|file|dir|dirpath|root|store|manifest)s?($|_)")
 
 
-def changed_inputs(stored: Mapping[str, Any], cfg: DictConfig) -> str | None:
-    """Why a finished job's ``metrics.json`` no longer describes what this config would train
-    (its crop store or backbone weights file changed), or None if it still does."""
+def _drop_paths(node: Any) -> Any:
+    if isinstance(node, Mapping):
+        return {
+            str(k): _drop_paths(v)
+            for k, v in node.items()
+            if not _PATH_KEY.search(str(k)) and str(k) not in HASH_SKIP_KEYS
+        }
+    if isinstance(node, list):
+        return [_drop_paths(v) for v in node]
+    return node
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """sha256 of the job's resolved config without paths, Hydra/launcher, logger and display keys.
+
+    What it leaves out cannot change the numbers, or is checked by content instead (the crop store's
+    and the weights file's hashes): moving the data or the output folder keeps the hash.
+    """
+    tree = {str(k): _drop_paths(plain(cfg[k])) for k in cfg if str(k) not in HASH_SKIP_TOP}
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def changed_inputs(stored: Mapping[str, Any], cfg: DictConfig, job_hash: str) -> str | None:
+    """Why a finished job's ``metrics.json`` no longer describes what this config would train (its
+    resolved config, the package version, its crop store, backbone weights file or split file
+    changed), or None if it still does."""
+    if stored.get("config_hash") != job_hash:
+        return (
+            "the job's resolved config changed"
+            if stored.get("config_hash")
+            else ("metrics.json records no config hash (written by an older version)")
+        )
+    if stored.get("package_version") != __version__:
+        return f"the package version changed ({stored.get('package_version')} → {__version__})"
     data = stored.get("data") or {}
     if data.get("store_hash") != store_facts(cfg.data.store)["hash"]:
         return "the crop store changed"
@@ -63,6 +124,11 @@ def changed_inputs(stored: Mapping[str, Any], cfg: DictConfig) -> str | None:
         path = Path(str(weights.get("file")))
         if not path.is_file() or sha256_file(path) != weights["sha256"]:
             return f"the backbone weights file {path.name} changed"
+    split_file = cfg.split.get("file")
+    path = Path(str(split_file)) if split_file else None
+    digest = sha256_file(path) if path is not None and path.is_file() else None
+    if digest != (stored.get("split") or {}).get("file_sha256"):
+        return "split.file was given, removed or changed"
     return None
 
 
@@ -76,8 +142,10 @@ def predictions_frame(
 
     ``outputs["index"]`` are rows of ``test_index``; duplicates (padding of distributed samplers)
     are dropped. Every test crop must have a prediction unless ``allow_partial`` (debug runs that
-    limit the test batches).
+    limit the test batches; no outputs at all then give an empty table).
     """
+    if not outputs and allow_partial:
+        return pd.DataFrame(columns=[*PRED_ID_COLUMNS, *classes, *(f"p_{c}" for c in classes)])
     rows = outputs["index"].numpy().astype(np.int64)
     _, first = np.unique(rows, return_index=True)
     order = first[np.argsort(rows[first])]
@@ -99,13 +167,24 @@ def _fmt(x: float | None) -> str:
     return "  -  " if x is None else f"{x:.3f}"
 
 
+def _protocol_label(result: Mapping[str, Any]) -> str:
+    split = result.get("split") or {}
+    protocol = result.get("protocol", split.get("mode", "?"))
+    if protocol == "cv":
+        return f"cv k={split.get('n_splits')}"
+    if protocol == "kfold":
+        return f"kfold fold={split.get('fold')}/{split.get('n_splits')}"
+    return str(protocol)
+
+
 def format_metrics(result: Mapping[str, Any]) -> str:
     """A compact text table of a run's test metrics (no patient ids)."""
     m = result["metrics"]
     head = (
         f"{result['variant']} res={result['res']} seed={result['seed']} labels={result['labels']} "
-        f"weights={result['weights']['init']} best_epoch={result['best_epoch']} "
-        f"val_loss={_fmt(result['val'].get('loss'))} val_auc={_fmt(result['val'].get('auc'))}"
+        f"{_protocol_label(result)} weights={result['weights']['init']} "
+        f"best_epoch={result['best_epoch']} val_loss={_fmt(result['val'].get('loss'))} "
+        f"val_auc={_fmt(result['val'].get('auc'))}"
     )
     lines = [head, f"{'level':<8} {'n':>5} {'AUC':>6} {'F1mac':>6} {'Hamm':>6}"]
     for level, v in m.items():
@@ -126,13 +205,14 @@ def format_metrics(result: Mapping[str, Any]) -> str:
 
 def _public_hparams(cfg: DictConfig) -> dict[str, Any]:
     """The settings sent to experiment loggers: plain values only, no paths, no patient ids."""
+    split = OmegaConf.to_container(cfg.split, resolve=True)
     return {
         "variant": str(cfg.variant.name),
         "res": int(cfg.res),
         "seed": int(cfg.seed),
         "labels": str(cfg.labels.name),
         "data": str(cfg.data.name),
-        "split": {k: v for k, v in OmegaConf.to_container(cfg.split).items() if k != "patients"},
+        "split": {k: v for k, v in split.items() if k not in ("patients", "file")},
         "weights": str(cfg.model.backbone.weights),
         "attention": bool(cfg.model.attention),
         "optimizer": OmegaConf.to_container(cfg.model.optimizer, resolve=True),
@@ -150,24 +230,141 @@ def _best_checkpoint(trainer: Any) -> tuple[str | None, int]:
     return None, max(int(trainer.current_epoch) - 1, 0)
 
 
+# ------------------------------------------------------------------------------ the job's folds
+def plan_job(cfg: DictConfig) -> tuple[Any, pd.DataFrame]:
+    """(:class:`~crc_lightning.data.splits.FoldPlan`, the labelled crop rows it splits): the same
+    rows and split function as the datamodule, stratified on the five-gene matrix."""
+    from crc_lightning.cropstore.reader import CropStore
+    from crc_lightning.data.datamodule import labelled_rows
+    from crc_lightning.data.labels import LabelSet
+    from crc_lightning.data.splits import gene_matrix, plan_folds
+
+    store = CropStore(cfg.data.store)
+    exclude = [str(p) for p in (cfg.datamodule.get("exclude_patients") or [])]
+    rows = labelled_rows(store, LabelSet.from_config(plain(cfg.labels)), exclude)
+    try:
+        plan = plan_folds(plain(cfg.split), gene_matrix(rows), int(cfg.seed))
+    except InputError:
+        raise
+    except ValueError as e:
+        raise InputError(store.path, f"cannot split its patients: {e}") from e
+    return plan, rows
+
+
+def check_simclr_pool(cfg: DictConfig, plan: Any, rows: pd.DataFrame) -> None:
+    """Refuse a SimCLR backbone whose pretraining pool holds one of this job's test patients
+    (the checkpoint's salted patient hashes, :func:`~crc_lightning.models.simclr.pool_record`)."""
+    if str(cfg.model.backbone.weights) != "simclr":
+        return
+    from crc_lightning.models.classifier import simclr_file
+    from crc_lightning.models.simclr import patient_key, pool_overlap, read_simclr_meta
+
+    bb = cfg.model.backbone
+    path = simclr_file(bb.get("weights_file"), bb.get("weights_dir"), int(cfg.res),
+                       bool(cfg.model.attention))  # fmt: skip
+    if path is None or not path.is_file():
+        return  # the classifier's own error names the command that makes it
+    tested = rows[rows["patient_id"].isin(plan.test_patients())]
+    sources = tested["source"] if "source" in tested.columns else pd.Series("", index=tested.index)
+    keys = {patient_key(s, p) for s, p in zip(sources, tested["patient_id"], strict=True)}
+    held = pool_overlap(read_simclr_meta(path), keys)
+    if held is None:
+        log.warning(
+            "SimCLR checkpoint %s records no pretraining pool: cannot check that it never saw this "
+            "job's test patients (re-export it with this version's pretrain app)",
+            path.name,
+        )
+    elif held:
+        raise InputError(
+            path,
+            f"refused: its SimCLR pretraining pool holds {held} of this job's {len(keys)} test "
+            "patients (the target cohort was in the OOD pool). Pretrain again with "
+            "exclude_test_of.store=<this job's data.store> (drops its labelled patients), or "
+            "without this cohort in ood / ood_stores.",
+        )
+
+
+def _set_log_prefix(loggers: Sequence[Any], prefix: str) -> None:
+    """Prefix the epoch metrics of one fold (``fold2-val/loss``) when a job trains several, so
+    fold 2's epoch 0 does not overwrite fold 1's. Lightning's loggers take ``prefix=`` only in
+    their constructor and keep it in ``_prefix``; the W&B run (one per job) must not be rebuilt."""
+    for lg in loggers:
+        if hasattr(lg, "_prefix"):
+            lg._prefix = prefix
+
+
+def _fold_frame(frame: pd.DataFrame, fold: int) -> pd.DataFrame:
+    out = frame.copy()
+    out.insert(len(PRED_ID_COLUMNS), "fold", int(fold))
+    return out
+
+
+def _train_fold(
+    cfg: DictConfig,
+    fold: int,
+    split: Any,
+    meta: dict[str, Any],
+    loggers: list,
+    trainers: list,
+    multirun: bool,
+) -> dict[str, Any]:
+    """Fit one fold, re-validate and test its best checkpoint (every rank); the fold's trainer is
+    appended to ``trainers`` as soon as it exists (the first one starts the DDP child ranks)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(int(cfg.seed), workers=True)  # fold f of a cv job = the kfold job of fold f
+    datamodule = instantiate(cfg.datamodule, _partial_=True)(split=split)
+    model = instantiate(cfg.model, meta={**meta, "fold": int(fold)})
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    for cb in callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+            cb.dirpath = str(Path(cb.dirpath) / f"fold{fold}")
+    progress = {"enable_progress_bar": False} if multirun else {}
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **progress)
+    trainers.append(trainer)
+    trainer.fit(model, datamodule=datamodule)
+    best_path, best_epoch = _best_checkpoint(trainer)
+    val = trainer.validate(model, datamodule=datamodule, ckpt_path=best_path, verbose=False)
+    trainer.test(model, datamodule=datamodule, ckpt_path=best_path, verbose=False)
+    val_metrics = val[0] if val else {}
+    info = {
+        "fold": int(fold),
+        "best_epoch": int(best_epoch),
+        "val": {
+            "loss": _finite(val_metrics.get("val/loss")),
+            "auc": _finite(val_metrics.get("val/auc")),
+        },
+        "n_train_patients": len(split.train),
+        "n_val_patients": len(split.val),
+        "n_test_patients": len(split.test),
+    }
+    return {"info": info, "trainer": trainer, "model": model, "datamodule": datamodule}
+
+
+def _mean_defined(values: Sequence[float | None]) -> float | None:
+    kept = [float(v) for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
 @task_wrapper
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train, select the best epoch on validation, test it; returns the metrics.json dict."""
-    import lightning as L
-
+    """Train every fold of the job, test each best epoch; returns the metrics.json dict."""
     from crc_lightning.distributed import finish_job
     from crc_lightning.evaluation.aggregate import evaluate_levels
     from crc_lightning.tracking import log_final_metrics
 
     torch.set_flush_denormal(True)
     started = time.monotonic()
+    check_optimized_metric(cfg.get("optimized_metric"), cfg.get("optimized_mode", "max"))
     multirun = is_multirun()  # sweeps: no progress bars, one summary line per finished job
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.json"
+    job_hash = config_hash(cfg)
     if bool(cfg.get("resume", True)) and metrics_path.is_file():
         stored = json.loads(metrics_path.read_text())
-        changed = changed_inputs(stored, cfg)
+        changed = changed_inputs(stored, cfg, job_hash)
         if changed is None:
             log.info("resume: %s exists, job skipped", metrics_path)
             if multirun:
@@ -175,8 +372,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             return stored
         log.warning("resume: %s since metrics.json was written; training again", changed)
 
-    L.seed_everything(int(cfg.seed), workers=True)
-    datamodule = instantiate(cfg.datamodule)
+    plan, rows = plan_job(cfg)
+    check_simclr_pool(cfg, plan, rows)
     facts = store_facts(cfg.data.store)
     classes = [str(c) for c in cfg.labels.classes]
     meta = {
@@ -188,51 +385,84 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "data": {"name": str(cfg.data.name), "store_hash": facts["hash"]},
         "spacing": facts["spacing"],  # the training CTs' voxel spacing range: predict warns outside
         "seed": int(cfg.seed),
+        "protocol": plan.protocol,
+        "n_splits": plan.n_splits,
+        "config_hash": job_hash,
         "package_version": __version__,
     }
-    model = instantiate(cfg.model, meta=meta)
-    if list(model.class_names) != classes:
-        raise ValueError(f"model classes {model.class_names} != label set classes {classes}")
 
-    callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     track_loggers(loggers)
-    progress = {"enable_progress_bar": False} if multirun else {}
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **progress)
     for lg in loggers:
         lg.log_hyperparams(_public_hparams(cfg))
-
+    several = len(plan.trained) > 1
+    folds, tests, vals, weights_info = [], [], [], None
+    trainers: list = []  # one per fold; under DDP the first one started the child ranks
+    is_zero, partial = True, False
     try:
-        trainer.fit(model, datamodule=datamodule)
-        best_path, best_epoch = _best_checkpoint(trainer)
-        val = trainer.validate(model, datamodule=datamodule, ckpt_path=best_path, verbose=False)
-        trainer.test(model, datamodule=datamodule, ckpt_path=best_path, verbose=False)
+        for fold, split in plan.folds:
+            if several:
+                _set_log_prefix(loggers, f"fold{fold}")
+                log.info("fold %d of %d (%s)", fold + 1, plan.n_splits, plan.protocol)
+            done = _train_fold(cfg, fold, split, meta, loggers, trainers, multirun)
+            trainer, model, dm = done["trainer"], done["model"], done["datamodule"]
+            is_zero = bool(trainer.is_global_zero)
+            if list(model.class_names) != classes:
+                raise ValueError(
+                    f"model classes {model.class_names} != label set classes {classes}"
+                )
+            weights_info = model.weights_info
+            folds.append(done["info"])
+            if is_zero:
+                partial = bool(trainer.fast_dev_run) or trainer.limit_test_batches != 1.0
+                val_partial = partial or trainer.limit_val_batches != 1.0
+                test = predictions_frame(dm.test_index, model.test_outputs, classes, partial)
+                val = predictions_frame(dm.val_index, model.val_outputs, classes, val_partial)
+                tests.append(_fold_frame(test, fold))
+                vals.append(_fold_frame(val, fold))
+            log.info("fold %d: best epoch %d, val %s", fold, done["info"]["best_epoch"],
+                     done["info"]["val"])  # fmt: skip
     finally:
-        if trainer.world_size > 1:
-            finish_job(trainer)  # the next job of a sweep starts without a stale process group
+        _set_log_prefix(loggers, "")
+        if trainers and trainers[0].world_size > 1:
+            finish_job(trainers[0])  # the next job of a sweep starts without a stale group
 
-    val_metrics = val[0] if val else {}
     result: dict[str, Any] = {
         "variant": str(cfg.variant.name),
         "res": int(cfg.res),
         "seed": int(cfg.seed),
         "labels": str(cfg.labels.name),
         "classes": classes,
-        "split": datamodule.split_summary(),
-        "weights": model.weights_info,
+        "protocol": plan.protocol,
+        "split": plan.summary(),
+        "folds": folds,
+        "weights": weights_info,
         "data": meta["data"],
-        "best_epoch": int(best_epoch),
-        "val": {
-            "loss": _finite(val_metrics.get("val/loss")),
-            "auc": _finite(val_metrics.get("val/auc")),
-        },
+        # one fold: its best epoch; several: the median over folds (each fold's is in "folds")
+        "best_epoch": int(np.median([f["best_epoch"] for f in folds])),
+        # inner validation at the best epoch; several folds: the mean over folds (selection)
+        "val": {k: _mean_defined([f["val"][k] for f in folds]) for k in ("loss", "auc")},
+        "config_hash": job_hash,
+        "package_version": __version__,
     }
-    if trainer.is_global_zero:
-        partial = bool(trainer.fast_dev_run) or trainer.limit_test_batches != 1.0
-        preds = predictions_frame(datamodule.test_index, model.test_outputs, classes, partial)
+    if is_zero:
+        preds = pd.concat(tests, ignore_index=True)
+        tested = set(preds["patient_id"])
+        if not partial and tested != set(plan.test_patients()):
+            raise RuntimeError(
+                f"pooled predictions cover {len(tested)} patients, the folds test "
+                f"{len(plan.test_patients())}"
+            )
+        if plan.protocol == "cv" and not partial and preds["crop_id"].duplicated().any():
+            raise RuntimeError("a crop was tested in two folds")
         result["metrics"] = evaluate_levels(preds, classes)
         write_atomic(out_dir / "predictions.csv", preds.to_csv(index=False))
-        write_json(metrics_path, result)
+        write_atomic(
+            out_dir / "val_predictions.csv",
+            pd.concat(vals, ignore_index=True).to_csv(index=False),
+        )
+        write_json(out_dir / "splits.json", plan.document())
+        write_json(metrics_path, result)  # last: its presence marks the job finished
         log_final_metrics(loggers, result["metrics"], prefix="final/test/")
         if multirun:
             print(job_summary_line(result, time.monotonic() - started), flush=True)
@@ -260,8 +490,8 @@ def job_summary_line(result: Mapping[str, Any], seconds: float, note: str = "") 
     head = " ".join(f"{k}={result[k]}" for k in ("variant", "res", "seed", "labels") if k in result)
     extra = f" {note}" if note else ""
     return (
-        f"[{job_label()}] {head}: val auc={fmt(val.get('auc'))} loss={fmt(val.get('loss'))} | "
-        f"test auc {tests or '-'} | {seconds:.0f} s{extra}"
+        f"[{job_label()}] {head} {_protocol_label(result)}: val auc={fmt(val.get('auc'))} "
+        f"loss={fmt(val.get('loss'))} | test auc {tests or '-'} | {seconds:.0f} s{extra}"
     )
 
 

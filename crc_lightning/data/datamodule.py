@@ -2,8 +2,11 @@
 
 ``setup()`` does, once per instance (all stages share it, so fit → test sees the same split):
 
-1. read the store index, keep labelled rows (every gene column present), drop ``exclude_patients``;
-2. class matrix via :meth:`LabelSet.encode`; patient-grouped stratified split (:mod:`.splits`);
+1. read the store index, keep labelled rows (every gene column present), drop ``exclude_patients``
+   (:func:`labelled_rows`, which the run app and the pretraining exclusion share);
+2. class matrix via :meth:`LabelSet.encode`; the patient-grouped split is the ``split`` given (a
+   :class:`~crc_lightning.data.splits.Split`: one fold of the run app's plan), or computed from the
+   ``split`` config, stratified on the five-gene matrix whatever the label set (:mod:`.splits`);
 3. median balancing of the *training* rows (:mod:`.balance`), **once per setup**, drawn from the
    seed — the paper balances "at the beginning of the training phase"; re-drawing per epoch would
    make the epoch content depend on how many epochs ran, and a fixed set is easier to audit;
@@ -40,16 +43,16 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from crc_lightning.cropstore.format import INDEX_FILE
+from crc_lightning.cropstore.format import GENES, INDEX_FILE
 from crc_lightning.cropstore.reader import CropStore
 from crc_lightning.data.augment import ClassifierAugment, Normalize
 from crc_lightning.data.balance import median_balance
 from crc_lightning.data.inputs import crops_to_tensor
 from crc_lightning.data.labels import LabelSet
-from crc_lightning.data.splits import Split, split_for
+from crc_lightning.data.splits import Split, gene_matrix, split_for
 from crc_lightning.io.errors import InputError
 
-__all__ = ["CropDataModule", "clear_cache", "load_images"]
+__all__ = ["CropDataModule", "clear_cache", "labelled_rows", "load_images"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,41 @@ def load_images(store: CropStore, res: int, width: float, level: float) -> torch
     return out
 
 
+def labelled_rows(
+    store: CropStore, labels: LabelSet, exclude_patients: Iterable[str] = ()
+) -> pd.DataFrame:
+    """The crop rows a classifier job uses: the store index (column ``store_row`` added) with every
+    gene of the label set and of the five-gene matrix present, ``exclude_patients`` dropped,
+    ``patient_id`` as str. The run app splits exactly these rows' patients."""
+    index_file = store.path / INDEX_FILE
+    genes = list(dict.fromkeys([*labels.genes, *GENES]))
+    missing = [g for g in (*genes, "patient_id", "crop_id") if g not in store.index.columns]
+    if missing:
+        raise InputError(
+            index_file, f"crop index lacks columns {missing} needed by label set {labels.name!r}"
+        )
+    df = store.index.reset_index(drop=True).copy()
+    df.insert(0, "store_row", np.arange(len(df), dtype=np.int64))
+    labelled = df[genes].notna().all(axis=1)
+    if not labelled.any():
+        raise InputError(
+            store.path,
+            "the crop store has no gene labels (an unlabelled / OOD source?); the classifier "
+            "needs a labelled cohort, e.g. `data=synthetic` or `data=manifest`",
+        )
+    if (~labelled).any():
+        log.info("dropping %d unlabelled crops of %d", int((~labelled).sum()), len(df))
+    df = df[labelled]
+    exclude = {str(p) for p in exclude_patients}
+    if exclude:
+        df = df[~df["patient_id"].astype(str).isin(exclude)]
+        if df.empty:
+            raise InputError(store.path, "every labelled patient is in exclude_patients")
+    df = df.reset_index(drop=True)
+    df["patient_id"] = df["patient_id"].astype(str)
+    return df
+
+
 class _CropDataset(Dataset):
     """Rows ``sample`` of one stage (repeats allowed) over the shared pre-loaded image tensor."""
 
@@ -116,8 +154,9 @@ class _CropDataset(Dataset):
 class CropDataModule(pl.LightningDataModule):
     """Train/val/test loaders of a labelled crop store, split by patient (see module docstring).
 
-    ``split``: ``mode`` (holdout|kfold), ``test_size``, ``val_size``, ``n_splits``, ``fold``,
-    ``repeat`` (``conf/split/*.yaml``). ``window`` (``width``, ``level``) and ``normalize``
+    ``split``: a :class:`~crc_lightning.data.splits.Split` (the run app passes each fold's), or
+    the config ``mode`` (holdout | kfold | cv: fold ``fold`` of the partition), ``test_size``,
+    ``val_size``, ``n_splits``, ``fold``, ``repeat`` (``conf/split/*.yaml``). ``window`` (``width``, ``level``) and ``normalize``
     (``mean``, ``std``): the ``input`` config node. ``augment``: :class:`ClassifierAugment` keys.
     """
 
@@ -130,7 +169,7 @@ class CropDataModule(pl.LightningDataModule):
         normalize: Mapping[str, float],
         batch_size: int = 16,
         num_workers: int = 0,
-        split: Mapping[str, Any] | None = None,
+        split: Mapping[str, Any] | Split | None = None,
         seed: int = 0,
         balance: bool = True,
         augment: Mapping[str, Any] | None = None,
@@ -145,7 +184,10 @@ class CropDataModule(pl.LightningDataModule):
         if self.window_width <= 0:
             raise ValueError(f"input.window.width must be > 0, got {self.window_width}")
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
-        self.split_cfg = dict(split) if split is not None else {"mode": "holdout"}
+        self.given_split = split if isinstance(split, Split) else None
+        self.split_cfg = (
+            {} if self.given_split else dict(split) if split is not None else {"mode": "holdout"}
+        )
         self.seed, self.balance = int(seed), bool(balance)
         self.augment_cfg = dict(augment) if augment is not None else {}
         self.exclude_patients = tuple(str(p) for p in exclude_patients)
@@ -168,34 +210,9 @@ class CropDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ setup
     def _labelled_index(self, store: CropStore) -> tuple[pd.DataFrame, np.ndarray]:
-        """Store index rows with complete gene labels (column ``store_row`` added) + class matrix."""
-        index_file = store.path / INDEX_FILE
-        genes = list(self.labels.genes)
-        missing = [g for g in (*genes, "patient_id", "crop_id") if g not in store.index.columns]
-        if missing:
-            raise InputError(
-                index_file,
-                f"crop index lacks columns {missing} needed by label set {self.labels.name!r}",
-            )
-        df = store.index.reset_index(drop=True).copy()
-        df.insert(0, "store_row", np.arange(len(df), dtype=np.int64))
-        labelled = df[genes].notna().all(axis=1)
-        if not labelled.any():
-            raise InputError(
-                store.path,
-                "the crop store has no gene labels (an unlabelled / OOD source?); the classifier "
-                "needs a labelled cohort, e.g. `data=synthetic` or `data=manifest`",
-            )
-        if (~labelled).any():
-            log.info("dropping %d unlabelled crops of %d", int((~labelled).sum()), len(df))
-        df = df[labelled]
-        if self.exclude_patients:
-            df = df[~df["patient_id"].astype(str).isin(self.exclude_patients)]
-            if df.empty:
-                raise InputError(store.path, "every labelled patient is in exclude_patients")
-        df = df.reset_index(drop=True)
-        df["patient_id"] = df["patient_id"].astype(str)
-        y = self.labels.encode(df[genes].astype(np.int64))
+        """:func:`labelled_rows` of the store + their class matrix."""
+        df = labelled_rows(store, self.labels, self.exclude_patients)
+        y = self.labels.encode(df[list(self.labels.genes)].astype(np.int64))
         return df, y
 
     def setup(self, stage: str | None = None) -> None:
@@ -203,15 +220,18 @@ class CropDataModule(pl.LightningDataModule):
             return
         store = CropStore(self.store_dir)
         df, y = self._labelled_index(store)
-        patients = pd.DataFrame(y, columns=self.class_names)
-        patients.insert(0, "patient_id", df["patient_id"].to_numpy())
-        try:
-            split = split_for(self.split_cfg, patients, self.seed)
-        except ValueError as e:
-            raise InputError(store.path, f"cannot split its patients: {e}") from e
+        if self.given_split is not None:
+            split = self.given_split
+        else:
+            try:
+                split = split_for(self.split_cfg, gene_matrix(df), self.seed)
+            except ValueError as e:
+                raise InputError(store.path, f"cannot split its patients: {e}") from e
 
         images = load_images(store, self.res, self.window_width, self.window_level)
         side = split.side_of(df["patient_id"].to_numpy())
+        if (side == "").any():
+            log.info("%d labelled crop(s) of patients in no side of the split", (side == "").sum())
         frames: dict[str, pd.DataFrame] = {}
         for name in ("train", "val", "test"):
             rows = np.flatnonzero(side == name)

@@ -1,4 +1,4 @@
-"""Patient-grouped, label-stratified train/val/test splits (Perlo et al. 2024, Sec. IV.C).
+"""Patient-grouped, label-stratified train/val/test splits, and the folds a ``run`` job trains.
 
 Two rules from the paper drive everything here:
 
@@ -9,10 +9,26 @@ Two rules from the paper drive everything here:
   2011, ``iterstrat``), so every side has about the cohort's prevalence of every class. K-fold
   keeps the best stratified of 8 seeded iterstrat partitions (:func:`_fold_assignment`).
 
+What a job is stratified on: the **five-gene matrix** (KRAS, NRAS, BRAF, PIK3CA, OTHER = none of
+them; :func:`gene_matrix`), whatever label set the job trains, so a five-class and a three-class job
+of one seed test exactly the same patients (paired comparisons).
+
+Protocols (``conf/split/<cv|holdout|kfold>.yaml``; :func:`plan_folds` → :class:`FoldPlan`):
+
+* ``cv`` (default): one job trains the ``n_splits`` folds of the stratified k-fold partition of
+  seed ``seed + repeat``; every patient is tested exactly once, out of fold, so ``seed=0..4`` is
+  five repeats of a k-fold cross-validation;
+* ``holdout``: the paper's protocol, one stratified 90 % / 10 % split per seed;
+* ``kfold``: fold ``fold`` of the same partition as ``cv`` (one fold per job, for clusters):
+  ``split=kfold split.fold=0..4`` trains exactly the folds of one ``split=cv`` job.
+
+``split.file=<splits.json>`` gives back the folds a job wrote (:func:`read_splits_file`), checked
+against the store's patients.
+
 Sizes: ``test_size`` and ``val_size`` are fractions of the *whole* cohort's patients (the paper's
 90 % / 10 % train/test, and a validation set carved out of the training patients the same way). In
 k-fold mode the test side is one fold (≈ 1/k of the patients) and ``val_size`` is again a fraction
-of the whole cohort, taken from that fold's training patients.
+of the whole cohort, taken from that fold's training patients (inner validation for early stopping).
 
 Sizes are exact: iterative stratification only approximates the requested count, so the result
 is corrected one patient at a time, each move keeping the side's label prevalence closest to the
@@ -26,30 +42,45 @@ it, chosen by the seeded generator. Fewer than 3 patients, or fewer than ``n_spl
 mode, is an error: there is no honest split.
 
 Seeds: a hold-out split is a pure function of (patients, labels, seed). K-fold repeat ``r`` of
-``kfold_splits(..., seed=s)`` uses the fold assignment of seed ``s + r``, so a sweep over
-``seed=0..4`` × ``split.fold=0..9`` is exactly the paper's multi-seeded 10-fold validation, and
-``split.repeat`` is only an extra offset.
+``kfold_splits(..., seed=s)`` uses the fold assignment of seed ``s + r``; ``split.repeat`` is an
+extra offset on the job's seed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold, MultilabelStratifiedShuffleSplit
 
+from crc_lightning.cropstore.format import GENES
+from crc_lightning.io.errors import InputError
+from crc_lightning.io.files import sha256_file
+
 __all__ = [
+    "PROTOCOLS",
+    "STRATIFY_CLASSES",
+    "FoldPlan",
     "Split",
+    "gene_matrix",
     "holdout_split",
     "kfold_splits",
     "patient_labels",
+    "plan_folds",
+    "read_splits_file",
     "split_for",
 ]
 
 PATIENT = "patient_id"
+PROTOCOLS = ("cv", "holdout", "kfold")
+# what every split is stratified on: the four genes of the manifest and OTHER (none of them)
+STRATIFY_CLASSES = (*GENES, "OTHER")
 
 
 @dataclass(frozen=True)
@@ -314,17 +345,25 @@ def kfold_splits(
     return out
 
 
+def _one_fold(cfg: Mapping[str, Any], n_splits: int) -> tuple[int, int]:
+    fold, repeat = int(cfg.get("fold", 0)), int(cfg.get("repeat", 0))
+    if not 0 <= fold < n_splits:
+        raise ValueError(f"split.fold must be in 0..{n_splits - 1}, got {fold}")
+    if repeat < 0:
+        raise ValueError(f"split.repeat must be ≥ 0, got {repeat}")
+    return fold, repeat
+
+
 def split_for(
     cfg_split: Mapping[str, Any],
     patients_df: pd.DataFrame,
     seed: int,
     label_columns: Sequence[str] | None = None,
 ) -> Split:
-    """The split a run asks for: ``conf/split/<holdout|kfold>.yaml`` + the run's seed.
-
-    ``mode: holdout`` → :func:`holdout_split` (``test_size``, ``val_size``).
-    ``mode: kfold`` → fold ``fold`` of the k-fold partition of seed ``seed + repeat``
-    (``n_splits``, ``val_size``).
+    """One split of a config: ``mode: holdout`` → :func:`holdout_split` (``test_size``,
+    ``val_size``); ``mode: kfold`` or ``cv`` → fold ``fold`` of the k-fold partition of seed
+    ``seed + repeat`` (``n_splits``, ``val_size``). A ``cv`` job trains every fold of that
+    partition (:func:`plan_folds`); this function gives one of them.
     """
     cfg = dict(cfg_split)
     mode = str(cfg.get("mode", "holdout"))
@@ -333,13 +372,9 @@ def split_for(
         return holdout_split(
             patients_df, seed, float(cfg.get("test_size", 0.1)), val_size, label_columns
         )
-    if mode == "kfold":
-        n_splits = int(cfg.get("n_splits", 10))
-        fold, repeat = int(cfg.get("fold", 0)), int(cfg.get("repeat", 0))
-        if not 0 <= fold < n_splits:
-            raise ValueError(f"split.fold must be in 0..{n_splits - 1}, got {fold}")
-        if repeat < 0:
-            raise ValueError(f"split.repeat must be ≥ 0, got {repeat}")
+    if mode in ("kfold", "cv"):
+        n_splits = int(cfg.get("n_splits", 5))
+        fold, repeat = _one_fold(cfg, n_splits)
         s = kfold_splits(patients_df, n_splits, 1, int(seed) + repeat, val_size, label_columns)[
             fold
         ]
@@ -347,10 +382,236 @@ def split_for(
             train=s.train,
             val=s.val,
             test=s.test,
-            mode="kfold",
+            mode=mode,
             fold=fold,
             repeat=repeat,
             seed=int(seed),
             meta=s.meta,
         )
-    raise ValueError(f"split.mode must be 'holdout' or 'kfold', got {mode!r}")
+    raise ValueError(f"split.mode must be one of {', '.join(PROTOCOLS)}, got {mode!r}")
+
+
+# ------------------------------------------------------------------------------ a job's folds
+def gene_matrix(rows: pd.DataFrame) -> pd.DataFrame:
+    """``patient_id`` + the five-gene matrix (KRAS, NRAS, BRAF, PIK3CA, OTHER = none of the four)
+    of each crop row: what every split is stratified on, whatever label set the job trains.
+
+    ``rows`` needs ``patient_id`` and the four gene columns, all present (labelled rows).
+    """
+    missing = [c for c in (PATIENT, *GENES) if c not in rows.columns]
+    if missing:
+        raise ValueError(f"crop rows lack columns {missing} needed to stratify the split")
+    genes = rows[list(GENES)]
+    if genes.isna().any().any():
+        raise ValueError(
+            "crop rows have missing gene labels; drop unlabelled rows before splitting"
+        )
+    g = genes.astype(np.int64).to_numpy().astype(bool)
+    out = pd.DataFrame(g.astype(np.int64), columns=list(GENES))
+    out["OTHER"] = (~g.any(axis=1)).astype(np.int64)
+    out.insert(0, PATIENT, rows[PATIENT].astype(str).to_numpy())
+    return out
+
+
+def _fold_doc(s: Split, fold: int) -> dict[str, Any]:
+    return {
+        "fold": int(fold),
+        "train": [str(p) for p in s.train],
+        "val": [str(p) for p in s.val],
+        "test": [str(p) for p in s.test],
+    }
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """The folds of one ``run`` job: the whole partition (``partition``; holdout: one split) and
+    which of its folds this job trains (``trained``: every fold for cv and holdout, one for kfold).
+
+    ``document()`` is ``splits.json``; ``summary()`` the ``split`` block of ``metrics.json`` (counts
+    and a hash only, never a patient id).
+    """
+
+    protocol: str
+    seed: int
+    partition: tuple[Split, ...]
+    trained: tuple[int, ...]
+    repeat: int = 0
+    stratified_on: tuple[str, ...] = STRATIFY_CLASSES
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def folds(self) -> list[tuple[int, Split]]:
+        """``(fold number, split)`` of every fold this job trains."""
+        return [(f, self.partition[f]) for f in self.trained]
+
+    @property
+    def n_splits(self) -> int:
+        return len(self.partition)
+
+    def patients(self) -> list[str]:
+        s = self.partition[0]
+        return sorted({str(p) for side in (s.train, s.val, s.test) for p in side})
+
+    def test_patients(self) -> list[str]:
+        """Every patient a trained fold tests (sorted union)."""
+        return sorted({str(p) for _, s in self.folds for p in s.test})
+
+    def document(self) -> dict[str, Any]:
+        """``splits.json``: one list of patient ids per side and fold (nnU-Net's splits_final.json,
+        with train/val/test); a local file only, never sent to a logger."""
+        return {
+            "protocol": self.protocol,
+            "seed": int(self.seed),
+            "repeat": int(self.repeat),
+            "n_splits": self.n_splits,
+            "stratified_on": list(self.stratified_on),
+            **{k: v for k, v in self.meta.items() if k in ("val_size", "test_size")},
+            "folds": [_fold_doc(s, f) for f, s in enumerate(self.partition)],
+        }
+
+    def partition_hash(self) -> str:
+        """sha256 of the partition (every fold's sides): equal across jobs ⇔ same patients on the
+        same sides, e.g. the five- and three-class jobs of one seed, or the kfold jobs of one cv."""
+        folds = [_fold_doc(s, f) for f, s in enumerate(self.partition)]
+        return hashlib.sha256(json.dumps(folds, sort_keys=True).encode()).hexdigest()
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "mode": self.protocol,
+            "n_splits": self.n_splits,
+            "seed": int(self.seed),
+            "repeat": int(self.repeat),
+            "source": str(self.meta.get("source", "computed")),
+            "stratified_on": list(self.stratified_on),
+            **{k: v for k, v in self.meta.items() if k in ("val_size", "test_size")},
+            "n_patients": len(self.patients()),
+            "n_test_patients": len(self.test_patients()),
+            "folds_trained": list(self.trained),
+            "partition_hash": self.partition_hash(),
+        }
+        if len(self.trained) == 1:  # holdout and kfold: the sides of the one trained fold
+            s = self.partition[self.trained[0]]
+            out["fold"] = int(self.trained[0])
+            out["n_train_patients"] = len(s.train)
+            out["n_val_patients"] = len(s.val)
+        return out
+
+
+def plan_folds(cfg_split: Mapping[str, Any], patients_df: pd.DataFrame, seed: int) -> FoldPlan:
+    """The folds a ``run`` job trains (module docstring, "Protocols").
+
+    ``patients_df``: ``patient_id`` + the columns to stratify on, one row per crop
+    (:func:`gene_matrix` of the job's labelled rows). ``cfg_split``: ``mode`` (cv | holdout |
+    kfold), ``n_splits``, ``fold`` (kfold), ``repeat``, ``test_size`` (holdout), ``val_size`` and
+    ``file`` (a ``splits.json`` to reuse: its folds replace the computed ones; ``mode: kfold``
+    then trains its fold ``fold``).
+    """
+    cfg = dict(cfg_split)
+    mode = str(cfg.get("mode", "cv"))
+    if mode not in PROTOCOLS:
+        raise ValueError(f"split.mode must be one of {', '.join(PROTOCOLS)}, got {mode!r}")
+    seed = int(seed)
+    if cfg.get("file"):
+        ids = sorted(patients_df[PATIENT].astype(str).unique())
+        return _plan_from_file(Path(str(cfg["file"])), ids, mode, cfg, seed)
+    stratify = tuple(c for c in patients_df.columns if c != PATIENT)
+    val_size = float(cfg.get("val_size", 0.1))
+    if mode == "holdout":
+        test_size = float(cfg.get("test_size", 0.1))
+        s = holdout_split(patients_df, seed, test_size, val_size)
+        meta = {"val_size": val_size, "test_size": test_size}
+        return FoldPlan("holdout", seed, (s,), (0,), 0, stratify, meta)
+    n_splits = int(cfg.get("n_splits", 5))
+    fold, repeat = _one_fold(cfg, n_splits)
+    partition = kfold_splits(patients_df, n_splits, 1, seed + repeat, val_size)
+    partition = [
+        Split(s.train, s.val, s.test, mode, s.fold, repeat, seed, s.meta) for s in partition
+    ]
+    trained = (fold,) if mode == "kfold" else tuple(range(n_splits))
+    meta = {"val_size": val_size}
+    return FoldPlan(mode, seed, tuple(partition), trained, repeat, stratify, meta)
+
+
+def _id_list(value: Any) -> list[str] | None:
+    if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
+        return None
+    return [str(v) for v in value]
+
+
+def read_splits_file(path: str | Path, patient_ids: Iterable[str]) -> dict[str, Any]:
+    """A ``splits.json`` (:meth:`FoldPlan.document`), checked against the cohort's patients:
+    every fold's train/val/test are non-empty, disjoint and hold exactly ``patient_ids``; with
+    several folds, the test sides are a partition of them (each patient tested once). Any problem
+    is an :class:`InputError` naming the file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(path, "split.file: no such splits file (a job's splits.json)")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(path, f"not a splits file: {err}") from err
+    folds = doc.get("folds") if isinstance(doc, dict) else None
+    if not isinstance(folds, list) or not folds:
+        raise InputError(path, "not a splits file: no 'folds' list")
+    cohort = {str(p) for p in patient_ids}
+    tested: list[str] = []
+    for i, fold in enumerate(folds):
+        sides = {k: _id_list(fold.get(k)) if isinstance(fold, dict) else None
+                 for k in ("train", "val", "test")}  # fmt: skip
+        bad = [k for k, v in sides.items() if not v]
+        if bad:
+            raise InputError(path, f"fold {i}: {'/'.join(bad)} missing or empty")
+        if isinstance(fold.get("fold"), int) and fold["fold"] != i:
+            raise InputError(path, f"fold {i} is numbered {fold['fold']}: folds must be in order")
+        listed = [p for v in sides.values() for p in v]  # type: ignore[union-attr]
+        if len(set(listed)) != len(listed):
+            raise InputError(path, f"fold {i}: a patient is listed twice (or on two sides)")
+        unknown, absent = set(listed) - cohort, cohort - set(listed)
+        if unknown:
+            raise InputError(
+                path,
+                f"fold {i}: {len(unknown)} patient(s) are not labelled patients of this crop "
+                "store (another cohort, or excluded by datamodule.exclude_patients?)",
+            )
+        if absent:
+            raise InputError(
+                path,
+                f"fold {i}: {len(absent)} labelled patient(s) of this crop store are on no side "
+                "(the store has patients the split did not have)",
+            )
+        tested += sides["test"]  # type: ignore[operator]
+    if len(folds) > 1 and (len(set(tested)) != len(tested) or set(tested) != cohort):
+        raise InputError(
+            path, "the folds' test sides are not a partition of the patients (each tested once)"
+        )
+    return doc
+
+
+def _plan_from_file(
+    path: Path, patient_ids: list[str], mode: str, cfg: Mapping[str, Any], seed: int
+) -> FoldPlan:
+    """A :class:`FoldPlan` over the folds of a splits file; ``mode: kfold`` trains fold ``fold``
+    of it, any other mode every fold (one fold = holdout, more = cv)."""
+    doc = read_splits_file(path, patient_ids)
+    n = len(doc["folds"])
+    protocol = "kfold" if mode == "kfold" else ("holdout" if n == 1 else "cv")
+    partition = tuple(
+        Split(
+            train=np.array(sorted(map(str, f["train"])), dtype=object),
+            val=np.array(sorted(map(str, f["val"])), dtype=object),
+            test=np.array(sorted(map(str, f["test"])), dtype=object),
+            mode=protocol,
+            fold=i,
+            seed=seed,
+        )
+        for i, f in enumerate(doc["folds"])
+    )
+    trained = (_one_fold(cfg, n)[0],) if protocol == "kfold" else tuple(range(n))
+    meta = {
+        "source": "file",
+        "file_sha256": sha256_file(path),
+        "file_seed": doc.get("seed"),
+        **{k: doc[k] for k in ("val_size", "test_size") if k in doc},
+    }
+    stratified = tuple(str(c) for c in doc.get("stratified_on") or ())
+    return FoldPlan(protocol, seed, partition, trained, int(doc.get("repeat", 0)), stratified, meta)

@@ -105,31 +105,35 @@ def resolve_ood_sources(
 
 
 def target_test_patients(
-    store_dir: str | Path, labels: Any, split: Mapping[str, Any], seeds: Iterable[int]
+    store_dir: str | Path,
+    labels: Any,
+    split: Mapping[str, Any],
+    seeds: Iterable[int],
+    exclude_patients: Iterable[str] = (),
 ) -> list[str]:
-    """The target cohort's test patients for every seed in ``seeds`` (sorted union).
+    """Every patient a ``run`` job on the target cohort tests, for each seed in ``seeds`` (sorted
+    union over seeds and folds).
 
-    Same rows (labelled crops), labels and split function as the classifier's
-    :class:`~crc_lightning.data.datamodule.CropDataModule`, so these are the patients
-    ``python -m crc_lightning.run seed=<s>`` tests on. One SimCLR checkpoint serves every seed of a
-    grid, so pass every seed you will evaluate.
+    The run app's own rows and split function (:func:`~crc_lightning.data.datamodule.labelled_rows`,
+    :func:`~crc_lightning.data.splits.plan_folds`: labelled crops minus ``exclude_patients`` — the
+    run's ``datamodule.exclude_patients`` —, stratified on the five-gene matrix, so any label set
+    gives the same patients), with ``split`` = the run's ``split`` node. Under ``mode: cv`` every
+    labelled patient is tested; under ``kfold`` every fold of the partition is counted (a sweep over
+    ``split.fold`` tests them all), under ``holdout`` the 10 % of each seed. One SimCLR checkpoint
+    serves every seed of a grid, so pass every seed you will evaluate.
     """
+    from crc_lightning.data.datamodule import labelled_rows
     from crc_lightning.data.labels import LabelSet
-    from crc_lightning.data.splits import split_for
+    from crc_lightning.data.splits import gene_matrix, plan_folds
 
     labelset = labels if isinstance(labels, LabelSet) else LabelSet.from_config(labels)
     store = CropStore(store_dir)
-    genes = list(labelset.genes)
-    df = store.index
-    df = df[df[genes].notna().all(axis=1)].reset_index(drop=True)
-    if df.empty:
-        raise InputError(store.path, "the target store has no labelled crops to split")
-    y = labelset.encode(df[genes].astype(np.int64))
-    patients = pd.DataFrame(y, columns=list(labelset.classes))
-    patients.insert(0, "patient_id", df["patient_id"].astype(str).to_numpy())
+    rows = labelled_rows(store, labelset, exclude_patients)
+    patients = gene_matrix(rows)
     out: set[str] = set()
     for seed in seeds:
-        out.update(str(p) for p in split_for(dict(split), patients, int(seed)).test)
+        plan = plan_folds(dict(split), patients, int(seed))
+        out.update(str(p) for s in plan.partition for p in s.test)
     return sorted(out)
 
 

@@ -23,7 +23,9 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
-from torchmetrics.classification import MultilabelAUROC
+from torchmetrics import Metric
+from torchmetrics.functional.classification import binary_auroc
+from torchmetrics.utilities import dim_zero_cat
 
 from crc_lightning.io.files import sha256_file
 from crc_lightning.models.attention import make_pool
@@ -37,7 +39,50 @@ from crc_lightning.models.simclr import load_simclr_weights, pretrain_command, s
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MutationClassifier", "load_simclr_into"]
+__all__ = ["DefinedClassAUROC", "MutationClassifier", "load_simclr_into"]
+
+
+class DefinedClassAUROC(Metric):
+    """Support-weighted mean one-vs-rest AUROC over the classes that have a positive *and* a
+    negative among the samples seen (NaN when none has): ``val/auc`` and ``test/auc``.
+
+    Why not ``MultilabelAUROC(average="weighted")``: it scores a class without negatives (or
+    positives) 0 and keeps it in the mean, so a small validation fold in which every patient is,
+    say, RAS-negative drags the selection metric down for nothing the model did. Same convention
+    as ``evaluation/metrics.py`` and sklearn's ``roc_auc_score(average="weighted")`` on the
+    defined columns. Predictions and targets are concatenated across ranks (DDP) before computing.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, num_labels: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_labels = int(num_labels)
+        self.add_state("preds", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self.preds.append(preds.detach().float())
+        self.target.append(target.detach().long())
+
+    def compute(self) -> torch.Tensor:
+        if not self.preds:
+            return torch.tensor(float("nan"))
+        preds, target = dim_zero_cat(self.preds), dim_zero_cat(self.target)
+        support = target.sum(dim=0)
+        defined = (support > 0) & (support < target.shape[0])
+        if not bool(defined.any()):
+            return torch.tensor(float("nan"), device=preds.device)
+        aucs = torch.stack(
+            [
+                binary_auroc(preds[:, c], target[:, c])
+                for c in torch.nonzero(defined).flatten().tolist()
+            ]
+        )
+        weights = support[defined].to(aucs.dtype)
+        return (aucs * weights).sum() / weights.sum()
 
 
 def _plain(value: Any) -> Any:
@@ -151,10 +196,15 @@ class MutationClassifier(L.LightningModule):
         self.fc = nn.Linear(dim, len(class_names))
         self.criterion = nn.BCEWithLogitsLoss()
         n = len(class_names)
-        self.val_auc = MultilabelAUROC(num_labels=n, average="weighted")
-        self.test_auc = MultilabelAUROC(num_labels=n, average="weighted")
+        self.val_auc = DefinedClassAUROC(n)
+        self.test_auc = DefinedClassAUROC(n)
+        # the last validation / test epoch's probabilities, gathered over ranks (run app)
+        self.val_outputs: dict[str, torch.Tensor] = {}
         self.test_outputs: dict[str, torch.Tensor] = {}
-        self._test_buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._stage_outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {
+            "val": [],
+            "test": [],
+        }
 
         provenance = dict(weights_info) if not init_weights and weights_info else info.as_dict()
         self.save_hyperparameters(
@@ -201,15 +251,25 @@ class MutationClassifier(L.LightningModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=logits.shape[0])
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self._stage_outputs["val"] = []
+
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         loss, logits = self._step(batch)
         bs = logits.shape[0]
-        self.val_auc.update(torch.sigmoid(logits), batch["target"].long())
+        prob = torch.sigmoid(logits)
+        self.val_auc.update(prob, batch["target"].long())
         self.log("val/loss", loss, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         self.log("val/auc", self.val_auc, on_step=False, on_epoch=True, batch_size=bs)
+        self._stage_outputs["val"].append((batch["index"].detach(), prob.detach(), batch["target"]))
+
+    def on_validation_epoch_end(self) -> None:
+        """Keep this epoch's validation probabilities (all ranks) in ``self.val_outputs``: after
+        ``trainer.validate(ckpt_path=best)`` they are the best epoch's (``val_predictions.csv``)."""
+        self.val_outputs = self._gather("val")
 
     def on_test_epoch_start(self) -> None:
-        self._test_buffer = []
+        self._stage_outputs["test"] = []
         self.test_outputs = {}
 
     def test_step(
@@ -222,22 +282,22 @@ class MutationClassifier(L.LightningModule):
         self.log("test/loss", loss, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         self.log("test/auc", self.test_auc, on_step=False, on_epoch=True, batch_size=bs)
         out = {"index": batch["index"], "prob": prob, "target": batch["target"]}
-        self._test_buffer.append(tuple(t.detach() for t in out.values()))  # type: ignore[arg-type]
+        self._stage_outputs["test"].append(tuple(t.detach() for t in out.values()))  # type: ignore[arg-type]
         return out
 
     def on_test_epoch_end(self) -> None:
         """Collect this epoch's test probabilities (all ranks) into ``self.test_outputs``."""
-        if not self._test_buffer:
-            return
-        index, prob, target = (torch.cat(parts) for parts in zip(*self._test_buffer))
+        self.test_outputs = self._gather("test")
+
+    def _gather(self, stage: str) -> dict[str, torch.Tensor]:
+        """``{"index", "prob", "target"}`` of the stage's buffered batches, over every rank."""
+        parts, self._stage_outputs[stage] = self._stage_outputs[stage], []
+        if not parts:
+            return {}
+        index, prob, target = (torch.cat(p) for p in zip(*parts))
         if self.trainer.world_size > 1:
             index, prob, target = (self.all_gather(t).flatten(0, 1) for t in (index, prob, target))
-        self.test_outputs = {
-            "index": index.cpu(),
-            "prob": prob.float().cpu(),
-            "target": target.cpu(),
-        }
-        self._test_buffer = []
+        return {"index": index.cpu(), "prob": prob.float().cpu(), "target": target.cpu()}
 
     # ---- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

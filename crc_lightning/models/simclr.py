@@ -13,15 +13,23 @@ Hand-off to the classifier: :func:`export_simclr_weights` writes a plain dict â€
 with ``torch.save``; :func:`load_simclr_weights` reads it back with ``torch.load(weights_only=True)``
 (no pickled code ever runs) and refuses a file made for another resolution, attention setting or
 backbone.
+
+The export also records **who was in the pool** without naming anyone: ``meta["pool"]`` holds a
+random per-file salt and the sorted ``sha256(salt + "<source>/<patient_id>")`` of every pool patient
+(:func:`pool_record`; ``source`` = the crop index's ``source`` column, i.e. the ``data.name`` it was
+preprocessed under, so two cohorts that both number their patients ``P001`` do not collide). The
+run app refuses a checkpoint whose pool holds one of its test patients (:func:`pool_overlap`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import pickle
-from collections.abc import Callable, Mapping
+import secrets
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +48,11 @@ __all__ = [
     "SimCLRModule",
     "export_simclr_weights",
     "load_simclr_weights",
+    "patient_key",
+    "pool_overlap",
+    "pool_record",
     "pretrain_command",
+    "read_simclr_meta",
     "simclr_weights_name",
 ]
 
@@ -190,20 +202,81 @@ def _jsonable(meta: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(dict(meta)))
 
 
-def export_simclr_weights(module: SimCLRModule, path: str | Path, meta: Mapping[str, Any]) -> Path:
+POOL_SCHEME = "sha256(salt + source + '/' + patient_id)"
+
+
+def patient_key(source: Any, patient_id: Any) -> str:
+    """A patient's identity across crop stores: ``<source>/<patient_id>`` (the index columns)."""
+    return f"{source}/{patient_id}"
+
+
+def _salted(salt: str, key: str) -> str:
+    return hashlib.sha256((salt + key).encode()).hexdigest()
+
+
+def pool_record(keys: Iterable[str], salt: str | None = None) -> dict[str, Any]:
+    """``meta["pool"]`` of a SimCLR export: a random salt (per file) and the sorted salted sha256
+    of each :func:`patient_key` in the pool, so a run can test membership but nobody can list the
+    patients (the salt stops matching against a table of hashed ids made for another file)."""
+    salt = salt or secrets.token_hex(16)
+    hashes = sorted({_salted(salt, str(k)) for k in keys})
+    return {"scheme": POOL_SCHEME, "salt": salt, "n_patients": len(hashes), "patients": hashes}
+
+
+def pool_overlap(meta: Mapping[str, Any], keys: Iterable[str]) -> int | None:
+    """How many of ``keys`` (:func:`patient_key`) the checkpoint's pool holds; None when the
+    checkpoint records no pool (made before pool records existed, or by other code)."""
+    pool = meta.get("pool")
+    if not isinstance(pool, Mapping) or not isinstance(pool.get("salt"), str):
+        return None
+    held = set(pool.get("patients") or ())
+    return sum(_salted(pool["salt"], str(k)) in held for k in set(keys))
+
+
+def export_simclr_weights(
+    module: SimCLRModule,
+    path: str | Path,
+    meta: Mapping[str, Any],
+    pool_patients: Iterable[str] | None = None,
+) -> Path:
     """Write the backbone (+ attention) weights and ``meta`` to ``path`` atomically (tmp + replace).
 
     ``meta`` must hold at least ``res``, ``attention``, ``backbone``, ``in_chans``; it is stored as
     JSON-able values only, so the file loads with ``torch.load(weights_only=True)``.
+    ``pool_patients``: the :func:`patient_key` of every pool patient, stored salted-hashed as
+    ``meta["pool"]`` (:func:`pool_record`).
     """
     required = {"res", "attention", "backbone", "in_chans"}
     missing = required - set(meta)
     if missing:
         raise ValueError(f"SimCLR weights metadata lacks {sorted(missing)}")
+    meta = dict(meta)
+    if pool_patients is not None:
+        meta["pool"] = pool_record(pool_patients)
     payload = {"format": FORMAT, "state_dict": module.export_state(), "meta": _jsonable(meta)}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     return write_atomic(path, buffer.getvalue())
+
+
+def _read_payload(path: Path) -> dict[str, Any]:
+    """The export's dict, loaded weights-only; anything else is an InputError naming the file."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
+        raise InputError(
+            path,
+            f"not a SimCLR weights file, or it holds pickled objects other than tensors and plain "
+            f"metadata (refused, nothing in it was run): {str(err).splitlines()[0][:200]}",
+        ) from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InputError(path, f"not a SimCLR weights file (expected format {FORMAT!r})")
+    return payload
+
+
+def read_simclr_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of a SimCLR weights file (weights-only load, format checked)."""
+    return dict(_read_payload(Path(path).expanduser()).get("meta") or {})
 
 
 def load_simclr_weights(
@@ -223,16 +296,7 @@ def load_simclr_weights(
             f"{path}: no SimCLR weights file. Make it with `{cmd}` (it writes "
             f"${{paths.weights_dir}}/{simclr_weights_name(res, attention)})."
         )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
-        raise InputError(
-            path,
-            f"not a SimCLR weights file, or it holds pickled objects other than tensors and plain "
-            f"metadata (refused, nothing in it was run): {str(err).splitlines()[0][:200]}",
-        ) from err
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise InputError(path, f"not a SimCLR weights file (expected format {FORMAT!r})")
+    payload = _read_payload(path)
     meta = dict(payload.get("meta") or {})
     problems = []
     if int(meta.get("res", -1)) != int(res):

@@ -34,7 +34,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from crc_lightning import distributed
-from crc_lightning.apps.callbacks import select_best_job
+from crc_lightning.apps.callbacks import select_best_job, select_per_group
 from crc_lightning.distributed import (
     HydraJobDDPStrategy,
     UnsupportedLauncherError,
@@ -49,10 +49,11 @@ from tests.helpers.stores import write_fake_store
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = CONF_DIR
-# tiny jobs: res 32, 2 training batches of 4 per rank, one epoch; every val/test batch
+# tiny jobs: res 32, 2 training batches of 4 per rank, one epoch; every val/test batch; the
+# default protocol (cv) with 2 folds, so each job trains two folds in one DDP process group
 SWEEP_ARGS = [
     "res=32", "model.backbone.weights=none", "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2", "datamodule.batch_size=4", "split.test_size=0.25",
+    "trainer.limit_train_batches=2", "datamodule.batch_size=4", "split.n_splits=2",
     "callbacks.early_stopping.patience=1",
 ]  # fmt: skip
 
@@ -277,8 +278,47 @@ def test_selection_uses_validation_never_test(tmp_path) -> None:
     assert best["test"]["image"]["auc"] == 0.60
     assert [r["job"] for r in ranked] == ["1", "3", "0", "2"]
     assert select_best_job(jobs, "val/auc", "min")[0]["job"] == "0"
-    with pytest.raises(ValueError, match="never the test"):
+    with pytest.raises(ValueError, match="never on the test set"):
         select_best_job(jobs, "metrics/image/auc", "max")
+
+
+def _grid_job(root: Path, name: str, labels: str, lr: str, seed: int, val_auc: float) -> Path:
+    job = root / name
+    (job / ".hydra").mkdir(parents=True)
+    overrides = [f"model.optimizer.lr={lr}", f"seed={seed}", f"labels={labels}"]
+    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    level = {"auc": 0.5, "f1_macro": 0.5, "hamming": 0.2, "n": 10}
+    result = {"labels": labels, "variant": "baseline", "res": 32, "seed": seed,
+              "val": {"loss": 0.5, "auc": val_auc}, "metrics": {"image": level}}  # fmt: skip
+    (job / "metrics.json").write_text(json.dumps(result))
+    return job
+
+
+def test_selection_is_per_group_and_averages_a_settings_seeds(tmp_path) -> None:
+    """Two label sets × two learning rates × two seeds. Per label set, the lr with the best *mean*
+    validation AUC over its seeds wins (hand-computed), even when another lr has the single best
+    job; label sets are never ranked together."""
+    jobs = [
+        _grid_job(tmp_path, "0", "five", "0.01", 0, 0.90),  # best single job …
+        _grid_job(tmp_path, "1", "five", "0.01", 1, 0.50),  # … but mean 0.70
+        _grid_job(tmp_path, "2", "five", "0.001", 0, 0.80),
+        _grid_job(tmp_path, "3", "five", "0.001", 1, 0.76),  # mean 0.78: chosen
+        _grid_job(tmp_path, "4", "three", "0.01", 0, 0.60),
+        _grid_job(tmp_path, "5", "three", "0.01", 1, 0.64),  # mean 0.62: chosen
+        _grid_job(tmp_path, "6", "three", "0.001", 0, 0.55),
+        _grid_job(tmp_path, "7", "three", "0.001", 1, None),  # None left out: mean 0.55
+    ]
+    groups = select_per_group(jobs, "val/auc", "max")
+    assert [g["group"]["labels"] for g in groups] == ["five", "three"]
+    five, three = groups
+    assert five["best"]["setting"] == ["model.optimizer.lr=0.001"]
+    assert five["best"]["value"] == pytest.approx(0.78) and five["best"]["jobs"] == ["2", "3"]
+    assert three["best"]["setting"] == ["model.optimizer.lr=0.01"]
+    assert [s["value"] for s in three["settings"]] == pytest.approx([0.62, 0.55])
+    assert {r["job"] for r in five["jobs"]} == {"0", "1", "2", "3"}
+    assert select_per_group(jobs, "val/loss", "min")[0]["best"]["n_jobs"] == 2
+    with pytest.raises(ValueError, match="never on the test set"):
+        select_per_group(jobs, "metrics.patient.auc")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -295,19 +335,25 @@ def assert_logged_once(proc: subprocess.CompletedProcess, jobs: list[Path], log_
 
 
 def _single_device_eval(store: Path, job: Path, seed: int) -> tuple[pd.DataFrame, dict]:
-    """The job's best checkpoint tested again on one CPU device, in this process."""
+    """Each fold's best checkpoint tested again on one CPU device, in this process, on that fold's
+    test patients (from the job's splits.json); the folds' predictions pooled as the job does."""
     from crc_lightning.apps._hydra import instantiate
     from crc_lightning.apps.run import predictions_frame
+    from crc_lightning.data.splits import Split
     from crc_lightning.models.checkpoint import load_model
 
     cfg = compose_run(f"data.store={store}", f"seed={seed}", *SWEEP_ARGS[:1], *SWEEP_ARGS[3:])
-    dm = instantiate(cfg.datamodule)
-    model, _ = load_model(job / "checkpoints" / "best.ckpt")
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, deterministic=True)  # fmt: skip
-    trainer.test(model, datamodule=dm, verbose=False)
     classes = list(cfg.labels.classes)
-    preds = predictions_frame(dm.test_index, model.test_outputs, classes)
+    frames = []
+    for fold in json.loads((job / "splits.json").read_text())["folds"]:
+        split = Split(*(np.array(fold[k], dtype=object) for k in ("train", "val", "test")))
+        dm = instantiate(cfg.datamodule, _partial_=True)(split=split)
+        model, _ = load_model(job / "checkpoints" / f"fold{fold['fold']}" / "best.ckpt")
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, deterministic=True)  # fmt: skip
+        trainer.test(model, datamodule=dm, verbose=False)
+        frames.append(predictions_frame(dm.test_index, model.test_outputs, classes))
+    preds = pd.concat(frames, ignore_index=True)
     return preds, evaluate_levels(preds, classes)
 
 
@@ -331,16 +377,19 @@ def test_ddp_sim_sweep_runs_each_job_once_in_its_own_folder(store, tmp_path) -> 
     }  # fmt: skip
     for seed, job in enumerate(jobs):
         names = {p.name for p in job.iterdir()}
-        assert {"metrics.json", "predictions.csv", "checkpoints", "csv", "run.log"} <= names
+        assert {"metrics.json", "predictions.csv", "val_predictions.csv", "splits.json",
+                "checkpoints", "csv", "run.log"} <= names  # fmt: skip
         assert "run_rank1.log" in names  # rank 1 ran inside this job's folder
         assert (job / "csv" / "metrics.csv").is_file()  # default logger=csv, inside the job
         result = json.loads((job / "metrics.json").read_text())
-        assert result["seed"] == seed
+        assert result["seed"] == seed and [f["fold"] for f in result["folds"]] == [0, 1]
         preds = pd.read_csv(job / "predictions.csv", dtype={"patient_id": str})
+        assert preds["patient_id"].nunique() == 20  # cv under DDP: every patient tested once
         one_dev, one_metrics = _single_device_eval(store, job, seed)
         # every test crop exactly once, although DistributedSampler padded a rank
         assert preds["crop_id"].is_unique and len(preds) == len(one_dev)
         assert list(preds["crop_id"]) == list(one_dev["crop_id"])
+        assert set(preds["fold"]) == {0, 1}
         p_cols = [c for c in preds.columns if c.startswith("p_")]
         np.testing.assert_allclose(preds[p_cols], one_dev[p_cols], atol=1e-5)
         # metrics.json is computed from exactly these de-duplicated rows. (AUCs are not compared
@@ -358,8 +407,10 @@ def test_ddp_sim_sweep_runs_each_job_once_in_its_own_folder(store, tmp_path) -> 
     assert "━" not in proc.stdout and "it/s" not in proc.stderr
     assert_logged_once(proc, jobs, "run.log")
     selection = json.loads((sweep / "selection.json").read_text())
-    vals = {j.name: json.loads((j / "metrics.json").read_text())["val"]["auc"] for j in jobs}
-    assert selection["best"]["job"] == min(vals, key=lambda k: (-vals[k], k))
+    vals = [json.loads((j / "metrics.json").read_text())["val"]["auc"] for j in jobs]
+    (group,) = selection["groups"]  # two seeds of one setting: one group, one candidate
+    assert group["best"]["n_jobs"] == 2 and group["best"]["setting"] == []
+    assert group["best"]["value"] == pytest.approx(np.mean(vals))
 
 
 def test_pretrain_ddp_sim_sweep(store, tmp_path) -> None:
@@ -532,7 +583,7 @@ def test_optuna_sweep_optimizes_the_validation_metric(store, tmp_path) -> None:
         "model.optimizer.weight_decay",
     }
     selection = json.loads((sweep / "selection.json").read_text())
-    assert selection["best"]["value"] == pytest.approx(max(vals))
+    assert selection["groups"][0]["best"]["value"] == pytest.approx(max(vals))
 
 
 # ----------------------------------------------------------------------------- README

@@ -124,3 +124,60 @@ def test_resume_after_kill_starts_at_epoch_k(root):
     from crc_lightning.apps.pretrain import checkpoint_dir, ood_stores
 
     assert checkpoint_dir(other, ood_stores(other)) != Path(first["checkpoint_dir"])
+
+
+def test_target_cohort_in_the_pool_is_excluded_and_run_checks_the_pool(tmp_path):
+    """The target store in the OOD pool: unnamed, its patients go into the checkpoint's pool and
+    `run` refuses the checkpoint; named (exclude_test_of.store), the default drops all of its
+    labelled patients and `run` accepts it; patients=test drops exactly the run's holdout test
+    patients (the run's own plan as the oracle), so a holdout run of those seeds is accepted and
+    a cv run — which tests everyone — is refused."""
+    from crc_lightning.apps.run import plan_job, run
+    from crc_lightning.io.errors import InputError
+    from crc_lightning.models.simclr import read_simclr_meta
+
+    target = write_fake_store(tmp_path / "data" / "crops" / "target", 16, seed=0, source="target")
+    other = write_fake_store(tmp_path / "data" / "crops" / "other", 6, seed=1, source="other")
+    common = [
+        "ood=none",
+        f"ood_stores=[{target},{other}]",
+        "epochs=1",
+        "trainer.limit_train_batches=1",
+    ]
+
+    def pretrain_to(name: str, *extra: str) -> Path:
+        weights = tmp_path / "w" / f"{name}.ckpt"
+        pretrain(make_cfg(tmp_path, *common, f"weights_file={weights}", *extra))
+        return weights
+
+    def run_cfg(weights: Path, job: str, *extra: str):
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            return compose("run", overrides=[
+                f"data.store={target}", f"paths.root_dir={tmp_path}",
+                f"paths.output_dir={tmp_path / job}", "res=32", "trainer=cpu", "variant=oodp",
+                f"model.backbone.weights_file={weights}", "+trainer.fast_dev_run=true",
+                "trainer.enable_progress_bar=false", "print_metrics=false", "logger=none",
+                "datamodule.batch_size=64", "split.n_splits=2", *extra,
+            ])  # fmt: skip
+
+    leaky = pretrain_to("leaky")
+    assert read_simclr_meta(leaky)["pool"]["n_patients"] == 16 + 6
+    with pytest.raises(InputError, match="pool holds 16 of this job's 16 test patients"):
+        run(run_cfg(leaky, "a"))
+
+    safe = pretrain_to("safe", f"exclude_test_of.store={target}")
+    assert read_simclr_meta(safe)["pool"]["n_patients"] == 6  # the other cohort only
+    assert run(run_cfg(safe, "b"))["weights"]["file"] == str(safe)
+
+    holdout = ["split@exclude_test_of.split=holdout", "exclude_test_of.split.test_size=0.25"]
+    partial = pretrain_to("partial", f"exclude_test_of.store={target}",
+                          "exclude_test_of.patients=test", "exclude_test_of.seeds=[0,1]", *holdout)  # fmt: skip
+    tested = set()
+    for seed in (0, 1):
+        plan, _ = plan_job(run_cfg(partial, "plan", "split=holdout", "split.test_size=0.25",
+                                   f"seed={seed}"))  # fmt: skip
+        tested |= set(plan.test_patients())
+    assert read_simclr_meta(partial)["pool"]["n_patients"] == 16 - len(tested) + 6
+    run(run_cfg(partial, "c", "split=holdout", "split.test_size=0.25", "seed=1"))
+    with pytest.raises(InputError, match="refused"):
+        run(run_cfg(partial, "d"))  # cv tests every patient, some of them pretrained on

@@ -1,5 +1,8 @@
 """``python -m crc_lightning.run``: composed configs, the four variants × two label sets, the result
-files against CONTRACTS.md, sweep ranges, resume, reproducibility and a "training learns" check."""
+files against the README's "Run results" contract, the cross-validation protocol (every patient
+tested once, label sets paired, splits.json round trip, kfold = one cv fold), sweep ranges, resume
+(config / version changes), the SimCLR-pool and optimized_metric refusals, reproducibility and a
+"training learns" check."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from sklearn.metrics import f1_score, hamming_loss, roc_auc_score
 
 from crc_lightning.apps._hydra import RangeOutsideSweepError, expand_ranges, get_metric_value
 from crc_lightning.apps.run import run
+from crc_lightning.io.errors import InputError
 from crc_lightning.models.backbone import WeightsNotFoundError
 from tests.helpers.config import CONF_DIR
 from tests.helpers.stores import synthetic_store, write_fake_store
@@ -30,8 +34,9 @@ CLASSES = {
     "five": ["KRAS", "NRAS", "BRAF", "PIK3CA", "OTHER"],
     "three": ["RAS", "PIK3CA_BRAF", "OTHER"],
 }
-TOP_KEYS = ["variant", "res", "seed", "labels", "classes", "split", "weights", "data",
-            "best_epoch", "val", "metrics"]  # fmt: skip
+TOP_KEYS = ["variant", "res", "seed", "labels", "classes", "protocol", "split", "folds", "weights",
+            "data", "best_epoch", "val", "config_hash", "package_version", "metrics"]  # fmt: skip
+FOLD_KEYS = ["fold", "best_epoch", "val", "n_train_patients", "n_val_patients", "n_test_patients"]
 LEVEL_KEYS = {"auc", "f1_macro", "hamming", "n", "per_class"}
 CLASS_KEYS = {"f1", "auc", "sensitivity", "specificity", "support", "prevalence"}
 
@@ -58,23 +63,28 @@ def make_cfg(store: Path, out: Path, *overrides: str):
         "trainer=cpu",
         "trainer.enable_progress_bar=false",
         "print_metrics=false",
-        "split.test_size=0.25",
+        "split.n_splits=2",  # cv (the default protocol) with 2 folds keeps the tests fast
+        "split.test_size=0.25",  # for the tests that ask for split=holdout
         "split.val_size=0.2",
     ]
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         return compose("run", overrides=[*base, *overrides])
 
 
-def check_contract(result: dict, out: Path, classes: list[str]) -> None:
-    """metrics.json / predictions.csv as CONTRACTS.md "Run results", metrics recomputed by sklearn."""
+def check_contract(result: dict, out: Path, classes: list[str], complete: bool = True) -> None:
+    """metrics.json / predictions.csv / val_predictions.csv / splits.json as the README's "Run
+    results", metrics recomputed by sklearn. ``complete``: every test crop was predicted (not a
+    fast_dev_run)."""
     stored = json.loads((out / "metrics.json").read_text())
     assert stored == result
     assert list(stored) == TOP_KEYS
     assert stored["classes"] == classes
     assert set(stored["weights"]) == {"init", "file", "sha256"}
-    assert {"mode", "fold", "n_train_patients", "n_val_patients", "n_test_patients"} <= set(
+    assert stored["protocol"] == stored["split"]["mode"] in ("cv", "holdout", "kfold")
+    assert {"mode", "n_splits", "seed", "n_patients", "n_test_patients", "partition_hash"} <= set(
         stored["split"]
     )
+    assert len(stored["config_hash"]) == 64 and stored["package_version"]
     assert set(stored["val"]) == {"loss", "auc"}
     assert list(stored["metrics"]) == ["image", "lesion", "patient"]
     for level in stored["metrics"].values():
@@ -82,9 +92,33 @@ def check_contract(result: dict, out: Path, classes: list[str]) -> None:
         assert list(level["per_class"]) == classes
         for v in level["per_class"].values():
             assert set(v) == CLASS_KEYS
-    pred = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})
     probs = [f"p_{c}" for c in classes]
-    assert list(pred.columns) == ["patient_id", "lesion", "crop_id", "slice", *classes, *probs]
+    columns = ["patient_id", "lesion", "crop_id", "slice", "fold", *classes, *probs]
+    pred = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})
+    val = pd.read_csv(out / "val_predictions.csv", dtype={"patient_id": str})
+    assert list(pred.columns) == columns and list(val.columns) == columns
+    splits = json.loads((out / "splits.json").read_text())
+    assert {"protocol", "seed", "n_splits", "stratified_on", "folds"} <= set(splits)
+    assert splits["stratified_on"] == ["KRAS", "NRAS", "BRAF", "PIK3CA", "OTHER"]
+    assert splits["n_splits"] == stored["split"]["n_splits"] == len(splits["folds"])
+    trained = [f["fold"] for f in stored["folds"]]
+    assert [list(f) for f in stored["folds"]] == [FOLD_KEYS] * len(trained)
+    for info in stored["folds"]:
+        fold = splits["folds"][info["fold"]]
+        sides = {k: set(fold[k]) for k in ("train", "val", "test")}
+        # no patient on two sides of a fold
+        assert not (sides["train"] & sides["val"] or sides["train"] & sides["test"]
+                    or sides["val"] & sides["test"])  # fmt: skip
+        assert [info[f"n_{k}_patients"] for k in ("train", "val", "test")] == [
+            len(fold[k]) for k in ("train", "val", "test")
+        ]
+        tested = set(pred.loc[pred["fold"] == info["fold"], "patient_id"])
+        validated = set(val.loc[val["fold"] == info["fold"], "patient_id"])
+        assert tested <= sides["test"] and validated <= sides["val"]
+        if complete:
+            assert tested == sides["test"] and validated == sides["val"]
+        assert (out / "checkpoints" / f"fold{info['fold']}" / "best.ckpt").is_file() == complete
+    assert set(pred["fold"]) <= set(trained)
     y, p = pred[classes].to_numpy(), pred[probs].to_numpy()
     img = stored["metrics"]["image"]
     assert img["n"] == len(pred)
@@ -97,7 +131,9 @@ def check_contract(result: dict, out: Path, classes: list[str]) -> None:
     les = pred.groupby(["patient_id", "lesion"])
     assert stored["metrics"]["lesion"]["n"] == les.ngroups
     assert stored["metrics"]["patient"]["n"] == pred["patient_id"].nunique()
-    assert stored["split"]["n_test_patients"] == pred["patient_id"].nunique()
+    if complete:
+        assert stored["split"]["n_test_patients"] == pred["patient_id"].nunique()
+        assert pred["crop_id"].is_unique
 
 
 # ----------------------------------------------------------------------------- variants × labels
@@ -107,11 +143,11 @@ def test_fast_dev_run_imagenet_variants(store, imagenet_file, tmp_path, variant,
     out = tmp_path / "job"
     cfg = make_cfg(
         store, out, f"variant={variant}", f"labels={labels}", "+trainer.fast_dev_run=true",
-        f"model.backbone.weights_file={imagenet_file}", "seed=1",
+        f"model.backbone.weights_file={imagenet_file}", "seed=1", "split=holdout",
         "datamodule.batch_size=64",  # fast_dev_run tests one batch: make it hold every test crop
     )  # fmt: skip
     result = run(cfg)
-    check_contract(result, out, CLASSES[labels])
+    check_contract(result, out, CLASSES[labels], complete=False)
     assert result["variant"] == variant and result["labels"] == labels and result["res"] == 32
     assert result["weights"]["init"] == "imagenet"
     assert result["weights"]["file"] == str(imagenet_file)
@@ -154,9 +190,10 @@ def test_fast_dev_run_oodp_variants_load_the_simclr_export(
     cfg = make_cfg(
         store, out, f"variant={variant}", f"labels={labels}", "+trainer.fast_dev_run=true",
         f"paths.weights_dir={tmp_path / 'weights'}", "seed=1", "datamodule.batch_size=64",
+        "split=holdout",
     )  # fmt: skip
     result = run(cfg)
-    check_contract(result, out, CLASSES[labels])
+    check_contract(result, out, CLASSES[labels], complete=False)
     assert result["weights"]["init"] == "simclr"
     assert result["weights"]["file"] == str(weights)
 
@@ -237,14 +274,15 @@ def test_get_metric_value() -> None:
 
 # ----------------------------------------------------------------------------- determinism, resume
 def test_same_seed_same_metrics_and_resume_skips(store, tmp_path) -> None:
-    args = ("model.backbone.weights=none", "trainer.max_epochs=1", "labels=three", "seed=3")
+    args = ("model.backbone.weights=none", "trainer.max_epochs=1", "labels=three", "seed=3",
+            "split=holdout")  # fmt: skip
     a, b = tmp_path / "a", tmp_path / "b"
     ra = run(make_cfg(store, a, *args))
     rb = run(make_cfg(store, b, *args))
     assert (a / "metrics.json").read_bytes() == (b / "metrics.json").read_bytes()
     assert (a / "predictions.csv").read_bytes() == (b / "predictions.csv").read_bytes()
     assert ra == rb and ra["best_epoch"] == 0
-    assert (a / "checkpoints" / "best.ckpt").is_file()
+    assert (a / "checkpoints" / "fold0" / "best.ckpt").is_file()  # holdout: fold 0
     # resume: the stored metrics come back, nothing is trained or rewritten
     (a / "predictions.csv").unlink()
     again = run(make_cfg(store, a, *args))
@@ -261,7 +299,8 @@ def test_resume_trains_again_when_the_weights_file_changed(store, tmp_path, imag
     weights = tmp_path / "w.pth"
     shutil.copy(imagenet_file, weights)
     out = tmp_path / "job"
-    args = ("variant=baseline", f"model.backbone.weights_file={weights}", "trainer.max_epochs=1")
+    args = ("variant=baseline", f"model.backbone.weights_file={weights}", "trainer.max_epochs=1",
+            "split=holdout")  # fmt: skip
     first = run(make_cfg(store, out, *args))
     assert first["weights"]["file"] == str(weights)
     (out / "predictions.csv").unlink()
@@ -302,6 +341,7 @@ def test_training_learns_the_ras_signal(store, tmp_path) -> None:
         make_cfg(
             store, out, "labels=three", "model.backbone.weights=none", "trainer.max_epochs=6",
             "callbacks.early_stopping.patience=6", "model.optimizer.lr=0.01", "seed=0",
+            "split=holdout",
         )
     )  # fmt: skip
     n_lesions = result["metrics"]["lesion"]["n"]
@@ -315,39 +355,35 @@ def test_training_learns_the_ras_signal(store, tmp_path) -> None:
 @pytest.mark.slow  # ~5 min on 2 idle cores: 3 folds × 15 epochs at res 32
 def test_training_learns_on_the_synthetic_cohort(tmp_path) -> None:
     """The project's synthetic cohort (48 patients, 93 lesions; RAS carries the strongest signal)
-    through the real preprocessing, res 32, random init, 15 epochs. 3-fold patient-grouped
-    cross-validation (``split=kfold``) tests every lesion once, out of fold, so the AUC rests on 93
-    lesions instead of a 10 % holdout's ~10.
+    through the real preprocessing, res 32, random init, 15 epochs. One job of the default
+    protocol (3-fold patient-grouped cross-validation) tests every lesion once, out of fold, so the
+    AUC rests on 93 lesions instead of a 10 % holdout's ~10.
 
     Margin: a model that learned nothing ranks RAS and other lesions at random, and the pooled AUC
     is then the Mann-Whitney U / (n₊n₋). The test asks for a one-sided exact p < 0.01 at lesion
     level (for 40 RAS vs 53 other lesions: AUC ≳ 0.64) and p < 0.05 over the 48 patients (lesions
     of one patient share their label and look alike, so the lesion-level p is optimistic).
-    Measured at commit time (2 torch threads): lesion AUC 0.725 (p 8e-5), patient AUC 0.748
-    (p 0.0016); with 1 thread, whose float sums differ, 0.78 / 0.79 (folds 0.75, 0.89, 0.78).
-    Adam (lr 1e-3) instead of the paper's SGD: SGD at lr 1e-2 for 15 epochs (1 thread) reached
-    lesion AUC 0.69, learning but with a thinner margin (folds 0.71, 0.80, 0.63)."""
+    Measured before folds were stratified on the five-gene matrix (2 torch threads): lesion AUC
+    0.725 (p 8e-5), patient AUC 0.748 (p 0.0016). Adam (lr 1e-3) instead of the paper's SGD: SGD at
+    lr 1e-2 for 15 epochs reached lesion AUC 0.69, learning but with a thinner margin."""
     from scipy.stats import mannwhitneyu
 
     store = synthetic_store(tmp_path / "crops" / "synthetic", n_patients=48)
-    preds = []
-    for fold in range(3):
-        out = tmp_path / f"fold{fold}"
-        run(
-            make_cfg(
-                store, out, "labels=three", "model.backbone.weights=none", "seed=0",
-                "split=kfold", "split.n_splits=3", f"split.fold={fold}", "split.val_size=0.15",
-                "trainer.max_epochs=15", "callbacks.early_stopping.patience=15",
-                "model.optimizer._target_=torch.optim.Adam", "~model.optimizer.momentum",
-                "model.optimizer.lr=0.001",
-                # keep the epoch with the best validation AUC (validation patients, never test)
-                "callbacks.model_checkpoint.monitor=val/auc", "callbacks.model_checkpoint.mode=max",
-            )
-        )  # fmt: skip
-        preds.append(pd.read_csv(out / "predictions.csv", dtype={"patient_id": str}))
-    pred = pd.concat(preds)
+    out = tmp_path / "cv"
+    run(
+        make_cfg(
+            store, out, "labels=three", "model.backbone.weights=none", "seed=0",
+            "split=cv", "split.n_splits=3", "split.val_size=0.15",
+            "trainer.max_epochs=15", "callbacks.early_stopping.patience=15",
+            "model.optimizer._target_=torch.optim.Adam", "~model.optimizer.momentum",
+            "model.optimizer.lr=0.001",
+            # keep the epoch with the best validation AUC (validation patients, never test)
+            "callbacks.model_checkpoint.monitor=val/auc", "callbacks.model_checkpoint.mode=max",
+        )
+    )  # fmt: skip
+    pred = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})
     assert pred["patient_id"].nunique() == 48  # every patient tested, once: crop ids are unique
-    assert pred["crop_id"].is_unique
+    assert pred["crop_id"].is_unique and sorted(pred["fold"].unique()) == [0, 1, 2]
     lesions = pred.groupby(["patient_id", "lesion"]).agg(RAS=("RAS", "first"), p=("p_RAS", "mean"))
     patients = pred.groupby("patient_id").agg(RAS=("RAS", "first"), p=("p_RAS", "mean"))
     for level, d, alpha in (("lesion", lesions, 0.01), ("patient", patients, 0.05)):
@@ -366,7 +402,7 @@ def test_multirun_sweep_as_typed_and_resume(store, tmp_path) -> None:
         sys.executable, "-m", "crc_lightning.run", "-m", "seed=0..1", f"data.store={store}",
         "res=32", "model.backbone.weights=none", "trainer=cpu", "+trainer.fast_dev_run=true",
         "trainer.enable_progress_bar=false", f"paths.root_dir={tmp_path}",
-        f"hydra.sweep.dir={sweep}", "split.test_size=0.25",
+        f"hydra.sweep.dir={sweep}", "split.n_splits=2",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
@@ -379,3 +415,208 @@ def test_multirun_sweep_as_typed_and_resume(store, tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [j.stat().st_mtime_ns for j in sorted(sweep.rglob("metrics.json"))] == stamps
     assert np.isfinite(json.loads(jobs[0].read_text())["metrics"]["image"]["hamming"])
+
+
+# ----------------------------------------------------------------------------- the protocol
+# tiny jobs: one epoch of two training batches of 4; every validation and test crop is predicted
+TINY = ("model.backbone.weights=none", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+        "datamodule.batch_size=4", "+trainer.num_sanity_val_steps=0")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cv_job(store, tmp_path_factory) -> tuple[Path, dict]:
+    """One default-protocol job (cv, 2 folds), three classes, seed 1."""
+    out = tmp_path_factory.mktemp("cv") / "three"
+    return out, run(make_cfg(store, out, *TINY, "labels=three", "seed=1"))
+
+
+def _fold_of(out: Path) -> dict[str, int]:
+    pred = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})
+    by_patient = pred.groupby("patient_id")["fold"].unique()
+    assert by_patient.map(len).eq(1).all(), "a patient's crops were tested in two folds"
+    return {p: int(f[0]) for p, f in by_patient.items()}
+
+
+def test_cv_job_tests_every_patient_once(store, cv_job) -> None:
+    """Oracle: the store's own index — every crop of every labelled patient is in the pooled
+    predictions exactly once, and the folds' test sides in splits.json partition the patients."""
+    out, result = cv_job
+    check_contract(result, out, CLASSES["three"])
+    index = pd.read_parquet(store / "index.parquet")
+    pred = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})
+    assert sorted(pred["crop_id"]) == sorted(index["crop_id"])
+    splits = json.loads((out / "splits.json").read_text())
+    tested = [p for f in splits["folds"] for p in f["test"]]
+    assert sorted(tested) == sorted(index["patient_id"].unique())  # each patient once
+    assert result["protocol"] == "cv" and [f["fold"] for f in result["folds"]] == [0, 1]
+    assert result["split"]["n_test_patients"] == result["split"]["n_patients"] == 20
+    assert result["val"]["loss"] == pytest.approx(
+        np.mean([f["val"]["loss"] for f in result["folds"]])
+    )
+    for f in (0, 1):
+        ckpt = torch.load(out / "checkpoints" / f"fold{f}" / "best.ckpt", weights_only=True)
+        meta = ckpt["hyper_parameters"]["meta"]
+        assert (meta["protocol"], meta["seed"], meta["fold"]) == ("cv", 1, f)
+        assert meta["config_hash"] == result["config_hash"]
+
+
+def test_val_predictions_are_each_folds_best_checkpoint_on_its_val_patients(store, cv_job) -> None:
+    """Oracle: fold 1's best.ckpt loaded again and run over fold 1's validation patients (given
+    to the datamodule as the test side) reproduces val_predictions.csv's fold-1 rows."""
+    import lightning as L
+
+    from crc_lightning.apps._hydra import instantiate
+    from crc_lightning.apps.run import predictions_frame
+    from crc_lightning.data.splits import Split
+    from crc_lightning.models.checkpoint import load_model
+
+    out, _ = cv_job
+    fold = json.loads((out / "splits.json").read_text())["folds"][1]
+    cfg = make_cfg(store, out, *TINY, "labels=three", "seed=1")
+    as_test = Split(np.array(fold["train"]), np.array([], dtype=object), np.array(fold["val"]))
+    dm = instantiate(cfg.datamodule, _partial_=True)(split=as_test)
+    model, _ = load_model(out / "checkpoints" / "fold1" / "best.ckpt")
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+              enable_model_summary=False).test(model, datamodule=dm, verbose=False)  # fmt: skip
+    again = predictions_frame(dm.test_index, model.test_outputs, CLASSES["three"])
+    val = pd.read_csv(out / "val_predictions.csv", dtype={"patient_id": str})
+    val = val[val["fold"] == 1].drop(columns="fold").reset_index(drop=True)
+    assert list(again["crop_id"]) == list(val["crop_id"])
+    p = [f"p_{c}" for c in CLASSES["three"]]
+    np.testing.assert_allclose(again[p].to_numpy(), val[p].to_numpy(), atol=1e-6)
+
+
+def test_five_and_three_class_jobs_of_a_seed_test_the_same_patients(
+    store, cv_job, tmp_path
+) -> None:
+    out3, r3 = cv_job
+    out5 = tmp_path / "five"
+    r5 = run(make_cfg(store, out5, *TINY, "labels=five", "seed=1"))
+    assert _fold_of(out5) == _fold_of(out3)
+    assert json.loads((out5 / "splits.json").read_text()) == json.loads(
+        (out3 / "splits.json").read_text()
+    )
+    assert r5["split"]["partition_hash"] == r3["split"]["partition_hash"]
+    assert r5["config_hash"] != r3["config_hash"]
+    # another seed is another partition (the plan alone: no training needed)
+    from crc_lightning.apps.run import plan_job
+
+    seed2, _ = plan_job(make_cfg(store, tmp_path / "unused", "labels=three", "seed=2"))
+    assert seed2.partition_hash() != r3["split"]["partition_hash"]
+
+
+def test_split_file_round_trip_and_kfold_is_one_fold_of_cv(store, cv_job, tmp_path) -> None:
+    """split.file=<a job's splits.json> reproduces that job's predictions exactly; split=kfold
+    split.fold=1 is the same training as the cv job's fold 1 (same partition, same seeding)."""
+    out, result = cv_job
+    again = tmp_path / "again"
+    r = run(make_cfg(store, again, *TINY, "labels=three", "seed=1",
+                     f"split.file={out / 'splits.json'}"))  # fmt: skip
+    for name in ("predictions.csv", "val_predictions.csv"):
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
+    assert r["metrics"] == result["metrics"] and r["split"]["source"] == "file"
+    assert r["split"]["partition_hash"] == result["split"]["partition_hash"]
+    one = tmp_path / "kfold1"
+    k = run(make_cfg(store, one, *TINY, "labels=three", "seed=1", "split=kfold",
+                     "split.n_splits=2", "split.fold=1"))  # fmt: skip
+    assert k["protocol"] == "kfold" and [f["fold"] for f in k["folds"]] == [1]
+    assert k["split"]["partition_hash"] == result["split"]["partition_hash"]
+    assert (one / "checkpoints" / "fold1" / "best.ckpt").is_file()
+    cv_rows = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})
+    cv_rows = cv_rows[cv_rows["fold"] == 1].reset_index(drop=True)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(one / "predictions.csv", dtype={"patient_id": str}), cv_rows
+    )
+
+
+def test_a_split_file_of_other_patients_is_refused(store, cv_job, tmp_path) -> None:
+    out, _ = cv_job
+    doc = json.loads((out / "splits.json").read_text())
+    doc["folds"][0]["test"].append("P999")
+    bad = tmp_path / "splits.json"
+    bad.write_text(json.dumps(doc))
+    job = tmp_path / "job"
+    with pytest.raises(InputError, match="not labelled patients of this crop store") as e:
+        run(make_cfg(store, job, *TINY, f"split.file={bad}"))
+    assert str(bad) in str(e.value)
+    assert not (job / "metrics.json").exists() and not (job / "checkpoints").exists()
+
+
+def test_config_hash_ignores_paths_and_display_only(store, tmp_path) -> None:
+    from crc_lightning.apps.run import config_hash
+
+    base = config_hash(make_cfg(store, tmp_path / "a", "seed=3"))
+    assert config_hash(make_cfg(store, tmp_path / "elsewhere" / "b", "seed=3")) == base
+    assert config_hash(make_cfg(store, tmp_path / "a", "seed=3", "logger=none",
+                                "trainer.enable_progress_bar=true", "resume=false")) == base  # fmt: skip
+    for change in ("seed=4", "model.dropout=0.3", "split.n_splits=3", "labels=three",
+                   "trainer.max_epochs=7", "datamodule.batch_size=8"):  # fmt: skip
+        assert config_hash(make_cfg(store, tmp_path / "a", "seed=3", change)) != base, change
+
+
+def test_resume_trains_again_when_the_config_or_version_changed(store, tmp_path) -> None:
+    out = tmp_path / "job"
+    args = (*TINY, "split=holdout")
+    first = run(make_cfg(store, out, *args))
+    (out / "predictions.csv").unlink()
+    assert run(make_cfg(store, out, *args, "trainer.enable_progress_bar=true")) == first
+    assert not (out / "predictions.csv").exists()  # resumed: display settings change nothing
+    changed = run(make_cfg(store, out, *args, "model.dropout=0.5"))
+    assert (out / "predictions.csv").exists() and changed["config_hash"] != first["config_hash"]
+    (out / "predictions.csv").unlink()
+    stored = json.loads((out / "metrics.json").read_text())
+    stored["package_version"] = "0.0.1"
+    (out / "metrics.json").write_text(json.dumps(stored))
+    again = run(make_cfg(store, out, *args, "model.dropout=0.5"))
+    assert (out / "predictions.csv").exists() and again["package_version"] != "0.0.1"
+
+
+def test_simclr_checkpoint_whose_pool_holds_a_test_patient_is_refused(
+    store, tmp_path, caplog
+) -> None:
+    from crc_lightning.models.simclr import SimCLRModule, export_simclr_weights, patient_key
+
+    torch.manual_seed(0)
+    ssl = SimCLRModule(hidden_dim=32, output_dim=8, res=32)
+    meta = {"res": 32, "attention": False, "backbone": "efficientnet_b0", "in_chans": 1}
+    leaky = export_simclr_weights(ssl, tmp_path / "leaky.ckpt", meta,
+                                  pool_patients=[patient_key("fake", "P007"), "lits/P007"])  # fmt: skip
+    clean = export_simclr_weights(ssl, tmp_path / "clean.ckpt", meta,
+                                  pool_patients=[patient_key("lits", f"P{i:03d}") for i in range(20)])  # fmt: skip
+    job = tmp_path / "job"
+    with pytest.raises(InputError, match=r"refused: its SimCLR pretraining pool holds 1 of this "
+                                         r"job's 20 test patients") as e:  # fmt: skip
+        run(make_cfg(store, job, "variant=oodp", f"model.backbone.weights_file={leaky}"))
+    assert str(leaky) in str(e.value) and "exclude_test_of.store" in str(e.value)
+    assert not (job / "metrics.json").exists()
+    # a pool of another cohort's patients (same ids, other source) is accepted
+    ok = run(make_cfg(store, job, "variant=oodp", f"model.backbone.weights_file={clean}",
+                      "+trainer.fast_dev_run=true", "datamodule.batch_size=64"))  # fmt: skip
+    assert ok["weights"]["file"] == str(clean)
+
+
+def test_only_validation_metrics_may_be_optimized(store, tmp_path) -> None:
+    from crc_lightning.apps._hydra import AbortRun, UsageError
+    from crc_lightning.apps.callbacks import ValidationMetricCallback
+
+    job = tmp_path / "job"
+    with pytest.raises(UsageError, match="never on the test set"):
+        run(make_cfg(store, job, "optimized_metric=metrics.patient.auc"))
+    assert not job.exists()
+    callback = ValidationMetricCallback()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        for metric in ("metrics.patient.auc", "metrics/image/auc", "test/auc", "val/f1"):
+            cfg = compose("run", overrides=[f"optimized_metric={metric}"], return_hydra_config=True)
+            with pytest.raises(AbortRun, match="never on the test set"):
+                callback.on_multirun_start(cfg)
+        for metric in ("val/auc", "val.loss"):
+            cfg = compose("run", overrides=[f"optimized_metric={metric}"], return_hydra_config=True)
+            callback.on_multirun_start(cfg)
+    # as typed: refused before the first job, one line, exit 2, no job folder
+    cmd = [sys.executable, "-m", "crc_lightning.run", "-m", "seed=0,1",
+           "optimized_metric=metrics.patient.auc", f"paths.root_dir={tmp_path / 'root'}"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("run: optimized_metric='metrics.patient.auc'")
+    assert "Traceback" not in proc.stderr
+    assert not list((tmp_path / "root").rglob("metrics.json"))

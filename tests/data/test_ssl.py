@@ -153,7 +153,11 @@ def test_exclude_by_store_only_touches_that_store(tmp_path):
 
 
 def test_target_test_patients_matches_the_classifier_split(tmp_path):
+    """Oracle: the run's own datamodule, for every seed, label set and protocol — the exclusion
+    used to recompute the split with labels=five, holdout, seed 0 whatever the run did."""
+    from crc_lightning.apps.run import plan_job
     from crc_lightning.data.datamodule import CropDataModule
+    from tests.helpers.config import compose_app
 
     store = write_fake_store(tmp_path / "t", n_patients=20, seed=3)
     labels = {
@@ -161,13 +165,31 @@ def test_target_test_patients_matches_the_classifier_split(tmp_path):
         "genes": ["KRAS", "NRAS", "BRAF", "PIK3CA"],
         "classes": {"RAS": ["KRAS", "NRAS"], "PIK3CA_BRAF": ["PIK3CA", "BRAF"], "OTHER": []},
     }
+    five = {**labels, "name": "five",
+            "classes": {"KRAS": ["KRAS"], "NRAS": ["NRAS"], "BRAF": ["BRAF"],
+                        "PIK3CA": ["PIK3CA"], "OTHER": []}}  # fmt: skip
     split = {"mode": "holdout", "test_size": 0.2, "val_size": 0.1}
+    excluded = ["P004", "P011"]
     expected = set()
     for seed in (0, 1):
-        dm = CropDataModule(store, labels, 16, WINDOW, NORM, split=split, seed=seed)
+        dm = CropDataModule(store, labels, 16, WINDOW, NORM, split=split, seed=seed,
+                            exclude_patients=excluded)  # fmt: skip
         dm.setup("fit")
         expected |= {str(p) for p in dm.split.test}
-    assert set(target_test_patients(store, labels, split, [0, 1])) == expected
+    got = target_test_patients(store, labels, split, [0, 1], excluded)
+    assert set(got) == expected and not set(got) & set(excluded)
+    assert target_test_patients(store, five, split, [0, 1], excluded) == got  # label-set free
+    # the run app's plan (same function): a holdout run of seed 1 tests a subset of them
+    cfg = compose_app("run", f"data.store={store}", f"paths.root_dir={tmp_path}",
+                      "paths.output_dir=/tmp/unused", "split=holdout", "split.test_size=0.2",
+                      "seed=1", f"datamodule.exclude_patients=[{','.join(excluded)}]")  # fmt: skip
+    plan, _ = plan_job(cfg)
+    assert set(plan.test_patients()) <= set(got)
+    # cv (run's default) and kfold: every labelled patient is tested by some fold
+    everyone = {f"P{i:03d}" for i in range(20)} - set(excluded)
+    for mode in ("cv", "kfold"):
+        cv = {"mode": mode, "n_splits": 3, "val_size": 0.1}
+        assert set(target_test_patients(store, labels, cv, [0], excluded)) == everyone
 
 
 def test_neighbour_slices_are_same_lesion_within_gap(tmp_path):

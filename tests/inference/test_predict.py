@@ -67,7 +67,8 @@ def trained(tmp_path_factory) -> dict:
         "run",
         f"data.store={base / 'crops'}", f"paths.root_dir={base}", f"paths.output_dir={out}",
         "res=32", "trainer=cpu", "trainer.enable_progress_bar=false", "print_metrics=false",
-        "split.test_size=0.25", "split.val_size=0.2", "model.backbone.weights=none",
+        "split=holdout", "split.test_size=0.25", "split.val_size=0.2",
+        "model.backbone.weights=none",
         # batch 4 × 2 epochs at lr 0.05: enough updates that eval outputs depend on the input
         "trainer.max_epochs=2", "datamodule.batch_size=4", "+trainer.num_sanity_val_steps=0",
         "model.optimizer.lr=0.05",
@@ -79,7 +80,7 @@ def trained(tmp_path_factory) -> dict:
     return {
         "base": base,
         "csv": csv,
-        "ckpt": out / "checkpoints" / "best.ckpt",
+        "ckpt": out / "checkpoints" / "fold0" / "best.ckpt",
         "run_preds": pd.read_csv(out / "predictions.csv", dtype={"patient_id": str}),
         "image": {p: csv.parent / r["image"] for p, r in files.iterrows()},
         "mask": {p: csv.parent / r["mask"] for p, r in files.iterrows()},

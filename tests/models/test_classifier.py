@@ -178,3 +178,31 @@ def test_checkpoint_is_self_describing(tmp_path: Path, imagenet_like_file: Path)
     x = torch.rand(3, 1, 32, 32)
     model.eval()
     torch.testing.assert_close(back(x), model(x))
+
+
+def test_val_auc_leaves_out_classes_without_positives_or_negatives() -> None:
+    """val/auc = sklearn ``roc_auc_score(average="weighted")`` over the classes that have both a
+    positive and a negative, fed in batches as the validation loop does; torchmetrics'
+    MultilabelAUROC scores the undefined classes 0 and keeps them in the mean."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+    from torchmetrics.classification import MultilabelAUROC
+
+    from crc_lightning.models.classifier import DefinedClassAUROC
+
+    rng = np.random.default_rng(0)
+    n = 37
+    y = np.stack([rng.random(n) < 0.4, np.ones(n, bool), rng.random(n) < 0.2, np.zeros(n, bool)], 1)
+    p = np.clip(0.3 * y + rng.random(y.shape) * 0.8, 0, 1).astype(np.float32)
+    metric = DefinedClassAUROC(4)
+    for lo in range(0, n, 8):  # batches of 8
+        metric.update(torch.from_numpy(p[lo : lo + 8]), torch.from_numpy(y[lo : lo + 8]).long())
+    keep = [0, 2]  # class 1: no negative, class 3: no positive
+    want = roc_auc_score(y[:, keep], p[:, keep], average="weighted")
+    assert float(metric.compute()) == pytest.approx(want, abs=1e-6)
+    old = MultilabelAUROC(num_labels=4, average="weighted")
+    old.update(torch.from_numpy(p), torch.from_numpy(y).long())
+    assert abs(float(old.compute()) - want) > 0.05  # the defect it replaces
+    empty = DefinedClassAUROC(2)
+    empty.update(torch.rand(3, 2), torch.ones(3, 2).long())
+    assert torch.isnan(empty.compute())

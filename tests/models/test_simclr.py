@@ -18,6 +18,10 @@ from crc_lightning.models.simclr import (
     SimCLRModule,
     export_simclr_weights,
     load_simclr_weights,
+    patient_key,
+    pool_overlap,
+    pool_record,
+    read_simclr_meta,
     simclr_weights_name,
 )
 
@@ -103,6 +107,31 @@ def test_plain_export_has_no_pool(tmp_path):
     path = export_simclr_weights(m, tmp_path / "simclr_res16.ckpt", _meta(16, False))
     bb, pool, _ = load_simclr_weights(path, 16, False)
     assert pool is None and len(bb) == len(m.backbone.state_dict())
+
+
+def test_export_records_the_pool_as_salted_hashes(tmp_path):
+    """Membership is testable, the ids are not listed: hashes are sha256(salt + "<source>/<id>")
+    (hashlib as the oracle), the salt is random per file, and a key of another source is not a
+    member although its patient id is."""
+    import hashlib
+
+    m = SimCLRModule(attention=False, hidden_dim=32, output_dim=8, res=16)
+    keys = [patient_key("lits", f"P{i:03d}") for i in range(5)]
+    a = export_simclr_weights(m, tmp_path / "a.ckpt", _meta(16, False), pool_patients=keys)
+    b = export_simclr_weights(m, tmp_path / "b.ckpt", _meta(16, False), pool_patients=keys)
+    pool_a, pool_b = read_simclr_meta(a)["pool"], read_simclr_meta(b)["pool"]
+    assert pool_a["salt"] != pool_b["salt"] and pool_a["patients"] != pool_b["patients"]
+    want = sorted(hashlib.sha256((pool_a["salt"] + k).encode()).hexdigest() for k in keys)
+    assert pool_a["patients"] == want and pool_a["n_patients"] == 5
+    text = a.read_bytes()
+    assert b"P001" not in text and b"lits/" not in text  # no id in clear anywhere in the file
+    meta = read_simclr_meta(a)
+    assert pool_overlap(meta, [patient_key("lits", "P001"), patient_key("lits", "P404")]) == 1
+    assert pool_overlap(meta, [patient_key("crc", "P001")]) == 0  # same id, other cohort
+    assert pool_overlap(_meta(16, False), keys) is None  # no pool record: cannot tell
+    assert pool_record([], salt="ab") == {
+        "scheme": pool_record([])["scheme"], "salt": "ab", "n_patients": 0, "patients": []
+    }  # fmt: skip
 
 
 def test_mismatches_are_refused_with_the_command(sa_weights):
