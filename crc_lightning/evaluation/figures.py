@@ -94,6 +94,7 @@ def bar_chart(
                 linestyles="--",
                 lw=1,
                 label="baseline (per bar)" if i == 0 else None,
+                gid="baseline",
             )
         ax.set_xticks(np.arange(len(xs)), [str(v) for v in xs])
         ax.set_xlabel(x)

@@ -458,7 +458,7 @@ splits' mean ratio of test to training patients — 1/(k−1) in k-fold (Bouckae
 n_test/n_train in a hold-out (Nadeau & Bengio 2003). The spread is taken over *splits*, not over
 the repeats' pooled values: pooled repeats test the same patients, so their spread misses the
 test-sample variance (`benchmarks/null_calibration.py`: a corrected t over repeats claims to beat
-chance in up to 41 % of no-signal sweeps; over splits ≤ 1.2 %). A single hold-out repeat has
+chance in up to 41 % of no-signal sweeps; over splits ≤ 0.9 %). A single hold-out repeat has
 one split: its interval is the percentile interval of a patient-clustered bootstrap
 ({boot} resamples of patients, each with all its lesions and crops).
 

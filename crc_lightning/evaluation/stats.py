@@ -11,7 +11,7 @@ Why these choices (a few dozen patients, k folds × a few repeats — the paper'
   split* (per fold): a repeat's pooled out-of-fold metric tests every patient, so repeats of one
   cohort differ only by the training randomness and their spread says nothing about the spread
   over new patients — ``benchmarks/null_calibration.py`` shows a t over such repeats claiming to
-  beat chance in up to 41 % of no-signal sweeps, the per-split corrected t in ≤ 1.2 %.
+  beat chance in up to 41 % of no-signal sweeps, the per-split corrected t in ≤ 0.9 %.
 * :func:`percentile_interval` over :func:`bootstrap_weights` — the patient-clustered bootstrap
   (patients resampled with replacement, each with all its lesions and crops) for the one case
   without two splits: a single hold-out repeat.

@@ -102,11 +102,12 @@ def write_jobs(
     test_size: float = 0.2,
     with_val: bool = True,
     legacy: bool = False,
+    holdout_test: Sequence[str] | None = None,
 ) -> list[Path]:
     """Job folders of one group; returns them. ``protocol``: ``cv`` (one job per seed, k folds),
     ``kfold`` (one job per seed and fold) or ``holdout`` (one job per seed, one test set).
     ``legacy=True`` writes today's hold-out job (no protocol key, no fold column, no
-    val_predictions.csv, no splits.json)."""
+    val_predictions.csv, no splits.json); ``holdout_test`` fixes the hold-out test patients."""
     classes = classes_of(labels)
     rows = _rows(cohort, labels, slices)
     patients = sorted(cohort["patient_id"].unique())
@@ -117,6 +118,8 @@ def write_jobs(
             order = np.random.default_rng(2000 + seed).permutation(patients)
             n_test = max(1, round(test_size * len(patients)))
             fold_of = {p: (0 if i < n_test else -1) for i, p in enumerate(order)}
+            if holdout_test is not None:
+                fold_of = {p: (0 if p in holdout_test else -1) for p in patients}
             folds = [0]
         else:
             fold_of = _folds(patients, k, seed)
@@ -198,31 +201,35 @@ def write_jobs(
     return written
 
 
+ALL_CLASSES = {c for classes in LABELS.values() for c in classes}
+
+
+def truth_of(rows: pd.DataFrame) -> np.ndarray:
+    """The class columns of score rows, in the label set's order, as [n, C]."""
+    return rows[[c for c in rows.columns if c in ALL_CLASSES]].to_numpy(float)
+
+
 def noise_score(
     rows: pd.DataFrame, rng: np.random.Generator, seed: int, fold: int, side: str
 ) -> np.ndarray:
     """Probabilities independent of the truth."""
-    return rng.random(
-        (
-            len(rows),
-            sum(
-                c in rows.columns
-                for c in ("RAS", "PIK3CA_BRAF", "OTHER", "KRAS", "NRAS", "BRAF", "PIK3CA")
-            ),
-        )
-    )
+    return rng.random(truth_of(rows).shape)
+
+
+def constant_score(value: float = 0.7) -> Score:
+    """The same probability for every class of every row (an image-blind model)."""
+
+    def score(rows, rng, seed, fold, side):
+        return np.full(truth_of(rows).shape, value)
+
+    return score
 
 
 def signal_score(strength: float = 0.35) -> Score:
     """Probabilities that lean toward the truth by ``strength``."""
 
     def score(rows, rng, seed, fold, side):
-        cls = [
-            c
-            for c in rows.columns
-            if c in ("RAS", "PIK3CA_BRAF", "OTHER", "KRAS", "NRAS", "BRAF", "PIK3CA")
-        ]
-        y = rows[cls].to_numpy(float)
+        y = truth_of(rows)
         return np.clip((1 - strength) * rng.random(y.shape) + strength * y, 0, 1)
 
     return score
