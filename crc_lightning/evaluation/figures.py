@@ -228,7 +228,9 @@ def reliability_figure(rows: pd.DataFrame, classes: Sequence[str], path: Path, t
         ax.set_title(c, fontsize=9)
         ax.set_xlabel("mean predicted probability")
         ax.set_ylabel("observed fraction")
-        ax.legend(fontsize=6)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, fontsize=6, loc="lower right")
     fig.suptitle(title)
     return _save(fig, path)
 

@@ -219,7 +219,8 @@ def calibration(y: Sequence[int], p: Sequence[float], eps: float = 1e-6) -> dict
     ``logit P(y=1) = a + logit(p)`` (offset; 0 = the mean predicted risk matches the event
     rate). Probabilities are clipped to [eps, 1−eps] before the logit. None where y is constant or
     the fit separates perfectly."""
-    import statsmodels.api as sm
+    from statsmodels.genmod import families
+    from statsmodels.genmod.generalized_linear_model import GLM
     from statsmodels.tools.sm_exceptions import (
         ConvergenceWarning,
         PerfectSeparationError,
@@ -231,17 +232,17 @@ def calibration(y: Sequence[int], p: Sequence[float], eps: float = 1e-6) -> dict
     out: dict[str, Any] = {"slope": None, "intercept": None, "n": int(yy.size)}
     if yy.size < 3 or yy.min() == yy.max():
         return out
-    family = sm.families.Binomial()
+    family = families.Binomial()
     with warnings.catch_warnings(), np.errstate(over="ignore", under="ignore"):
         warnings.simplefilter("error", PerfectSeparationWarning)
         warnings.simplefilter("error", ConvergenceWarning)
         try:
-            fit = sm.GLM(yy, sm.add_constant(lp, has_constant="add"), family=family).fit()
+            fit = GLM(yy, np.column_stack([np.ones_like(lp), lp]), family=family).fit()
             out["slope"] = float(fit.params[1])
         except (PerfectSeparationError, PerfectSeparationWarning, ConvergenceWarning, ValueError):
             pass
         try:
-            fit = sm.GLM(yy, np.ones((yy.size, 1)), family=family, offset=lp).fit()
+            fit = GLM(yy, np.ones((yy.size, 1)), family=family, offset=lp).fit()
             out["intercept"] = float(fit.params[0])
         except (PerfectSeparationError, PerfectSeparationWarning, ConvergenceWarning, ValueError):
             pass

@@ -78,7 +78,7 @@ def _tables(pred: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 # ------------------------------------------------------------------------------ golden cells
 def test_golden_cv_cells_equal_hand_computation(tmp_path: Path):
     jobs = write_jobs(tmp_path, cohort(15, seed=2), signal_score(0.3), seeds=(0, 1), k=3)
-    ev, summary = _evaluate(jobs)
+    _, summary = _evaluate(jobs)
     pooled_auc, fold_auc, ratios, pooled_f1 = [], [], [], []
     for d in jobs:
         pred = pd.read_csv(d / "predictions.csv", dtype={"patient_id": str})
@@ -179,7 +179,7 @@ def test_legacy_holdout_job_bootstrap_ci(tmp_path: Path):
                       legacy=True, test_size=0.4)  # fmt: skip
     job = load_job(jobs[0])
     assert job.protocol == "holdout" and job.fold is None
-    ev, summary = _evaluate(jobs, levels=("patient",))
+    _, summary = _evaluate(jobs, levels=("patient",))
     r = _cell(summary, "auc")
     assert r["ci_method"] == "patient bootstrap" and r["n"] == 1
     assert pd.isna(_cell(summary, "f1@val")["mean"])  # no val_predictions.csv: no val threshold
@@ -415,7 +415,7 @@ def test_app_compose_writes_only_into_sweep(sweep: Path, tmp_path: Path, monkeyp
                 "wandb=false",
                 "patient_aggregation=noisy_or",
                 "levels=[patient]",
-            ],  # fmt: skip
+            ],
             return_hydra_config=True,
         )
     assert cfg.hydra.output_subdir is None
