@@ -12,7 +12,7 @@ implementation. Conventions (CONTRACTS.md "Run results"), chosen to match scikit
   without negatives: a small test fold often lacks a rare mutation, and 0.0 would read as a result;
 * ``f1_macro`` = unweighted mean of per-class F1 (an F1 with no positives and no predicted
   positives is 0, sklearn's ``zero_division=0``); ``hamming`` = fraction of wrong labels;
-* ``balanced_accuracy`` = (sensitivity + specificity) / 2 (None when either is undefined);
+* :func:`scores` (the report's) adds ``balanced_accuracy`` = (sensitivity + specificity) / 2 and
   ``brier`` = mean squared difference between probability and 0/1 truth.
 
 :func:`level_metrics` (torchmetrics) writes ``metrics.json``. The report evaluates thousands of
@@ -117,15 +117,11 @@ def level_metrics(
     for i, name in enumerate(classes):
         tp, fp, tn, fn, sup = (int(v) for v in stats[i].tolist())
         supports.append(sup)
-        sens = tp / (tp + fn) if tp + fn else None
-        spec = tn / (tn + fp) if tn + fp else None
         per_class[str(name)] = {
             "f1": _num(f1[i]),
             "auc": aucs[i],
-            "sensitivity": sens,
-            "specificity": spec,
-            "balanced_accuracy": None if sens is None or spec is None else (sens + spec) / 2,
-            "brier": _num(torch.mean((prob[:, i] - target[:, i]) ** 2)),
+            "sensitivity": tp / (tp + fn) if tp + fn else None,
+            "specificity": tn / (tn + fp) if tn + fp else None,
             "support": sup,
             "prevalence": sup / n,
         }
