@@ -1,4 +1,4 @@
-"""``python -m crc_lightning.report sweep=<dir or glob>``: Tables III/IV and Figs 1–5 of a sweep.
+"""``python -m crc_lightning.report sweep=<dir or glob>``: the experiment report of a sweep.
 
 Thin Hydra shell over :func:`crc_lightning.evaluation.report.make_report`; prints report.md's path
 and, when the sweep's jobs logged to W&B, sends its tables to one W&B report run. Hydra's run dir
@@ -46,6 +46,11 @@ def report(cfg: DictConfig) -> Path:
         store=cfg.get("store"),
         figure_level=str(cfg.get("figure_level", "lesion")),
         window=(float(cfg.input.window.width), float(cfg.input.window.level)),
+        patient_aggregation=str(cfg.get("patient_aggregation", "max")),
+        threshold_rule=str(cfg.get("threshold_rule", "youden")),
+        bootstrap=int(cfg.get("bootstrap", 2000)),
+        tolerance=float(cfg.get("tolerance", 1e-9)),
+        margin=float(cfg.get("margin", 0.0)),
     )
     if bool(cfg.get("wandb", True)):
         from crc_lightning.tracking import log_report

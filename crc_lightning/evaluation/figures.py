@@ -3,8 +3,9 @@
 * Fig 1 — label co-occurrence and correlation (phi) of the test truths, one lesion counted once;
 * Fig 2 — sample crops per gene class (only with a crop store);
 * Fig 3 — focus-class F1 and AUC per variant, 5 vs 3 classes, bars with CI error bars (one per res);
-* Figs 4–5 — AUC and Hamming loss by resolution per variant (one per label set);
-* ROC curves per class at lesion level, predictions pooled over seeds.
+* Figs 4–5 — weighted AUC and Hamming loss by resolution per variant (one per label set);
+* ROC curves per class at lesion level, predictions pooled over repeats;
+* reliability diagrams per class (one per label set) and the RAS decision curve (patient level).
 """
 
 from __future__ import annotations
@@ -28,12 +29,20 @@ from crc_lightning.io.files import atomic_path
 __all__ = [
     "bar_chart",
     "cooccurrence_figure",
+    "decision_curve_figure",
+    "reliability_figure",
     "report_figures",
     "roc_figure",
     "sample_crops_figure",
 ]
 
-LABEL_NAMES = {"auc": "AUC", "f1": "F1 (focus)", "hamming": "Hamming loss", "f1_macro": "F1 macro"}
+LABEL_NAMES = {
+    "auc": "AUC (focus)",
+    "auc_weighted": "AUC (weighted)",
+    "f1": "F1 (focus)",
+    "hamming": "Hamming loss",
+    "f1_macro": "F1 macro",
+}
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -49,9 +58,11 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 def bar_chart(
     summary: pd.DataFrame, metrics: Sequence[str], x: str, hue: str, path: Path, title: str
 ) -> Path:
-    """One axes per metric; bars = each ``x`` value × each ``hue`` value, CI half-widths as error bars.
+    """One axes per metric; bars = each ``x`` value × each ``hue`` value, CIs as error bars.
 
-    A missing CI (n = 1) draws no error bar; the baseline of the first bar group is a dashed line.
+    The CI is drawn as it is in the table (clipped, so possibly asymmetric); none for a cell
+    without one. Each bar carries its *own* baseline as a dashed black segment across it (a
+    five-class KRAS baseline is never drawn under three-class RAS bars).
     """
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     xs = sorted(summary[x].unique(), key=str)
@@ -60,17 +71,31 @@ def bar_chart(
     for ax, metric in zip(axes[0], metrics, strict=True):
         s = summary[summary["metric"] == metric]
         for i, h in enumerate(hues):
-            vals, errs = [], []
+            vals, lo, hi, base = [], [], [], []
             for xv in xs:
                 r = s[(s[x] == xv) & (s[hue] == h)]
-                mean = r["mean"].iloc[0] if len(r) else np.nan
-                half = r["ci_half"].iloc[0] if len(r) else np.nan
-                vals.append(np.nan if mean is None else mean)
-                errs.append(0.0 if half is None or pd.isna(half) else half)
+                mean = r["mean"].iloc[0] if len(r) else None
+                mean = np.nan if mean is None or pd.isna(mean) else float(mean)
+                low = r["ci_low"].iloc[0] if len(r) else None
+                high = r["ci_high"].iloc[0] if len(r) else None
+                has = low is not None and not pd.isna(low) and np.isfinite(mean)
+                vals.append(mean)
+                lo.append(mean - float(low) if has else 0.0)
+                hi.append(float(high) - mean if has else 0.0)
+                base.append(float(r["baseline"].iloc[0]) if len(r) else np.nan)
             pos = np.arange(len(xs)) + (i - (len(hues) - 1) / 2) * width
-            ax.bar(pos, vals, width, yerr=errs, capsize=3, label=f"{hue}={h}")
-        if len(s):
-            ax.axhline(float(s["baseline"].iloc[0]), ls="--", color="grey", lw=1, label="baseline")
+            ax.bar(pos, vals, width, yerr=[lo, hi], capsize=3, label=f"{hue}={h}")
+            ok = np.isfinite(base)
+            ax.hlines(
+                np.asarray(base)[ok],
+                pos[ok] - width / 2,
+                pos[ok] + width / 2,
+                colors="k",
+                linestyles="--",
+                lw=1,
+                label="baseline (per bar)" if i == 0 else None,
+                gid="baseline",
+            )
         ax.set_xticks(np.arange(len(xs)), [str(v) for v in xs])
         ax.set_xlabel(x)
         ax.set_ylabel(LABEL_NAMES.get(metric, metric))
@@ -177,18 +202,75 @@ def sample_crops_figure(
     return _save(fig, path)
 
 
+def _arm(r: Any) -> str:
+    extra = "" if r.protocol == "cv" else f" {r.protocol}"
+    return f"{r.variant} ({r.weights}) {r.res}px{extra}"
+
+
+def reliability_figure(rows: pd.DataFrame, classes: Sequence[str], path: Path, title: str) -> Path:
+    """One axes per class: observed event rate against mean predicted probability in quantile
+    bins (``sklearn.calibration.calibration_curve``), one line per variant × res, rows of all
+    repeats pooled; the diagonal is perfect calibration."""
+    from sklearn.calibration import calibration_curve
+
+    fig, axes = plt.subplots(1, len(classes), figsize=(3.6 * len(classes), 3.6), squeeze=False)
+    arms = rows.assign(arm=[_arm(r) for r in rows.itertuples()])
+    for ax, c in zip(axes[0], classes, strict=True):
+        for arm, g in arms.groupby("arm", sort=True):
+            y, p = g[c].to_numpy(int), g[f"p_{c}"].to_numpy(float)
+            if 0 < y.sum() < len(y):
+                frac, mean = calibration_curve(y, p, n_bins=10 if len(y) >= 100 else 5,
+                                               strategy="quantile")  # fmt: skip
+                ax.plot(mean, frac, marker="o", ms=3, label=arm)
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(c, fontsize=9)
+        ax.set_xlabel("mean predicted probability")
+        ax.set_ylabel("observed fraction")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, fontsize=6, loc="lower right")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def decision_curve_figure(dca: pd.DataFrame, path: Path, title: str) -> Path:
+    """Net benefit against threshold probability per variant × res, with act-for-all and
+    act-for-none."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    arms = dca.assign(arm=[_arm(r) for r in dca.itertuples()])
+    for arm, g in arms.groupby("arm", sort=True):
+        ax.plot(g["threshold"], g["net_benefit"], lw=1.5, label=arm)
+    first = arms[arms["arm"] == arms["arm"].iloc[0]]
+    ax.plot(first["threshold"], first["treat_all"], color="grey", lw=1, label="withhold for all")
+    ax.axhline(0.0, color="k", lw=1, label="withhold for none")
+    top = float(max(dca["treat_all"].max(), dca["net_benefit"].max()))
+    ax.set_ylim(-0.05, max(top, 0.05) + 0.05)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("threshold probability of RAS mutation")
+    ax.set_ylabel("net benefit")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
 def report_figures(
     summary: pd.DataFrame,
     lesions: pd.DataFrame,
-    jobs: Sequence[Any],
+    level_rows: pd.DataFrame,
+    dca: pd.DataFrame,
+    classes_of: dict[str, list[str]],
     out: Path,
     level: str = "lesion",
     store: str | Path | None = None,
     window_hu: tuple[float, float] | None = None,
 ) -> list[tuple[str, Path]]:
-    """Every figure of the report, as ``(title, path)``."""
+    """Every figure of the report, as ``(title, path)``.
+
+    ``lesions``: lesion-level test rows of every repeat (ROC, co-occurrence); ``level_rows``: the
+    same at ``level`` (reliability); ``dca``: :func:`report.decision_curves`."""
     figs: list[tuple[str, Path]] = []
-    classes_of = {j.labels: list(j.classes) for j in jobs}
     s = summary[summary["level"] == level]
     for res in sorted(s["res"].unique()):
         t = f"Fig 3 — focus F1 and AUC per variant, 5 vs 3 classes ({res}px, {level} level)"
@@ -207,9 +289,14 @@ def report_figures(
         )
     for labels in sorted(s["labels"].unique()):
         sl = s[s["labels"] == labels]
-        t = f"Fig 4 — AUC by resolution ({labels}, {level} level)"
+        t = f"Fig 4 — weighted AUC by resolution ({labels}, {level} level)"
         figs.append(
-            (t, bar_chart(sl, ["auc"], "res", "variant", out / f"fig4_auc_{labels}.png", t))
+            (
+                t,
+                bar_chart(
+                    sl, ["auc_weighted"], "res", "variant", out / f"fig4_auc_{labels}.png", t
+                ),
+            )
         )
         t = f"Fig 5 — Hamming loss by resolution ({labels}, {level} level)"
         figs.append(
@@ -223,8 +310,21 @@ def report_figures(
             figs.append(
                 (t, cooccurrence_figure(uniq, classes, out / f"fig1_cooccurrence_{labels}.png", t))
             )
-            t = f"ROC per class, lesion level, pooled over seeds ({labels})"
+            t = f"ROC per class, lesion level, pooled over repeats ({labels})"
             figs.append((t, roc_figure(g, classes, out / f"roc_{labels}.png", t)))
+    if not level_rows.empty:
+        for labels, g in level_rows.groupby("labels"):
+            t = f"Reliability diagram per class ({labels}, {level} level, repeats pooled)"
+            figs.append(
+                (t, reliability_figure(g, classes_of[labels], out / f"reliability_{labels}.png", t))
+            )
+    if not dca.empty:
+        for labels, g in dca.groupby("labels"):
+            t = (
+                f"Decision curve — withhold anti-EGFR therapy while the biopsy is pending "
+                f"(RAS, patient level, {labels})"
+            )
+            figs.append((t, decision_curve_figure(g, out / f"decision_curve_{labels}.png", t)))
     if store:
         if window_hu is None:
             raise ValueError("the sample-crops figure needs the CT window (window_hu)")

@@ -13,7 +13,7 @@ from sklearn.metrics import (
 )
 
 from crc_lightning.evaluation.aggregate import evaluate_levels, lesion_level, patient_level
-from crc_lightning.evaluation.metrics import level_metrics
+from crc_lightning.evaluation.metrics import level_metrics, scores
 
 CLASSES = ["A", "B", "NOPOS", "C", "ALLPOS"]
 
@@ -105,9 +105,10 @@ def test_aggregation_equals_hand_groupby() -> None:
     pred, classes = _predictions()
     probs = [f"p_{c}" for c in classes]
     lesions = lesion_level(pred, classes)
-    patients = patient_level(lesions, classes)
+    patients = patient_level(lesions, classes)  # default: max
 
-    # by hand: lesion = mean of its slices; patient = mean of its lesions, truth = OR
+    # by hand: lesion = mean of its slices; patient: gene = max over lesions (truth OR),
+    # OTHER = min (truth: every lesion OTHER)
     for (pid, lesion), g in pred.groupby(["patient_id", "lesion"]):
         row = lesions[(lesions.patient_id == pid) & (lesions.lesion == lesion)].iloc[0]
         for c, pc in zip(classes, probs):
@@ -117,19 +118,111 @@ def test_aggregation_equals_hand_groupby() -> None:
     for pid, g in lesions.groupby("patient_id"):
         row = patients[patients.patient_id == pid].iloc[0]
         crops = pred[pred.patient_id == pid]
-        for c, pc in zip(classes, probs):
-            assert row[pc] == pytest.approx(g[pc].mean())
+        for c in ("RAS", "PIK3CA_BRAF"):
+            assert row[f"p_{c}"] == pytest.approx(max(g[f"p_{c}"]))
             assert row[c] == int(crops[c].max())
+        assert row["p_OTHER"] == pytest.approx(min(g["p_OTHER"]))
+        assert row["OTHER"] == int(all(g["OTHER"] == 1))
     assert len(patients) == pred["patient_id"].nunique()
-    # a patient's probability is the mean over lesions, not over slices
-    uneven = lesions.groupby("patient_id")["n_slices"].nunique().gt(1)
-    assert uneven.any()
 
     levels = evaluate_levels(pred, classes)
     assert list(levels) == ["image", "lesion", "patient"]
     assert levels["lesion"]["n"] == len(lesions)
     want = level_metrics(patients[classes].to_numpy(), patients[probs].to_numpy(), classes)
     assert levels["patient"] == want
+    mean = evaluate_levels(pred, classes, patient_aggregation="mean")["patient"]
+    by_mean = lesions.groupby("patient_id")[probs].mean()
+    assert mean["auc"] == pytest.approx(
+        level_metrics(patients[classes].to_numpy(), by_mean.to_numpy(), classes)["auc"]
+    )
+
+
+def _mixed_patient() -> pd.DataFrame:
+    """Patient M: lesion 1 RAS-mutant (p_RAS 0.8, p_OTHER 0.1), lesion 2 wild-type (0.3, 0.6)."""
+    rows = [
+        ("M", 1, 1, 0, 0, 0.8, 0.2, 0.1),
+        ("M", 2, 0, 0, 1, 0.3, 0.1, 0.6),
+        ("W", 1, 0, 0, 1, 0.2, 0.3, 0.7),
+    ]
+    cols = ["patient_id", "lesion", "RAS", "PIK3CA_BRAF", "OTHER", "p_RAS", "p_PIK3CA_BRAF",
+            "p_OTHER"]  # fmt: skip
+    return pd.DataFrame(rows, columns=cols)
+
+
+@pytest.mark.parametrize(
+    ("how", "p_ras", "p_other"),
+    [
+        ("max", 0.8, 0.1),  # most suspicious lesion; OTHER only as wild-type as the least
+        ("noisy_or", 1 - (1 - 0.8) * (1 - 0.3), 0.1 * 0.6),
+        ("mean", (0.8 + 0.3) / 2, (0.1 + 0.6) / 2),
+    ],
+)
+def test_patient_truth_and_score_of_a_mixed_patient(how, p_ras, p_other) -> None:
+    classes = ["RAS", "PIK3CA_BRAF", "OTHER"]
+    pt = patient_level(_mixed_patient(), classes, how=how).set_index("patient_id")
+    m = pt.loc["M"]
+    # truth: RAS because one lesion is; NOT OTHER, since not every lesion is wild-type
+    assert (m["RAS"], m["PIK3CA_BRAF"], m["OTHER"]) == (1, 0, 0)
+    assert m["p_RAS"] == pytest.approx(p_ras) and m["p_OTHER"] == pytest.approx(p_other)
+    assert pt.loc["W", "OTHER"] == 1 and m["n_lesions"] == 2
+    with pytest.raises(ValueError, match="aggregation"):
+        patient_level(_mixed_patient(), classes, how="median")
+
+
+def test_per_class_thresholds_equal_sklearn() -> None:
+    y, p = _random_case(4)
+    thr = [0.3, 0.5, 0.5, 0.7, 0.2]
+    m = level_metrics(y, p, CLASSES, threshold=thr)
+    pred = (p > np.asarray(thr)).astype(int)
+    f1 = f1_score(y, pred, average=None, zero_division=0)
+    for i, c in enumerate(CLASSES):
+        assert m["per_class"][c]["f1"] == pytest.approx(f1[i], abs=1e-6)
+    assert m["hamming"] == pytest.approx(hamming_loss(y, pred))
+    cm = multilabel_confusion_matrix(y, pred)
+    (tn, fp), (fn, tp) = cm[0]
+    sc = scores(y, p, thr)
+    assert sc["balanced_accuracy"][0, 0] == pytest.approx((tp / (tp + fn) + tn / (tn + fp)) / 2)
+    assert sc["brier"][0, 0] == pytest.approx(np.mean((p[:, 0] - y[:, 0]) ** 2))
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_batched_scores_equal_sklearn_and_level_metrics(seed: int) -> None:
+    y, p = _random_case(seed, n=60)
+    thr = np.where(np.arange(len(CLASSES)) % 2, 0.4, 0.55)
+    one = scores(y, p, thr)
+    lm = level_metrics(y, p, CLASSES, thr)
+    for i, c in enumerate(CLASSES):
+        pc = lm["per_class"][c]
+        ba = (
+            None
+            if None in (pc["sensitivity"], pc["specificity"])
+            else ((pc["sensitivity"] + pc["specificity"]) / 2)
+        )
+        for k, want in (*((k, pc[k]) for k in ("f1", "sensitivity", "specificity", "auc")),
+                        ("balanced_accuracy", ba)):  # fmt: skip
+            got = one[k][0, i]
+            assert (want is None and np.isnan(got)) or got == pytest.approx(want, abs=1e-6), (c, k)
+    assert one["auc_weighted"][0] == pytest.approx(lm["auc"], abs=1e-6)
+    assert one["f1_macro"][0] == pytest.approx(lm["f1_macro"], abs=1e-6)
+    assert one["hamming"][0] == pytest.approx(lm["hamming"], abs=1e-6)
+    # weighted resamples: clusters of rows (patients) with multinomial counts = sklearn's
+    # sample_weight on the same rows
+    rng = np.random.default_rng(seed)
+    cluster = rng.integers(0, 15, len(y))
+    w = rng.multinomial(15, np.full(15, 1 / 15), size=4)
+    many = scores(y, p, thr, cluster, w)
+    pred = (p > thr).astype(int)
+    for b in range(4):
+        sw = w[b][cluster].astype(float)
+        for i in (0, 1, 3):
+            if 0 < (sw * y[:, i]).sum() < sw.sum():
+                assert many["auc"][b, i] == pytest.approx(
+                    roc_auc_score(y[:, i], p[:, i], sample_weight=sw)
+                )
+            assert many["f1"][b, i] == pytest.approx(
+                f1_score(y[:, i], pred[:, i], sample_weight=sw, zero_division=0)
+            )
+        assert many["hamming"][b] == pytest.approx(hamming_loss(y, pred, sample_weight=sw))
 
 
 def test_inconsistent_lesion_labels_are_an_error() -> None:
