@@ -40,7 +40,8 @@ __all__ = ["SlurmJobFailed", "SlurmLauncher"]
 
 
 class SlurmJobFailed(ValueError):
-    """A sweep job failed on SLURM: ``<its SLURM log>: SLURM job <id> … ended FAILED: <its error>``
+    """A sweep job failed on SLURM: ``<its SLURM log>: SLURM job <id> (sweep job <n>) failed: <its
+    error>``
     (a ``ValueError``, so the apps show it as one line and exit 2, like a job's input error)."""
 
     def __init__(self, log_file: str | Path, problem: str) -> None:
@@ -48,8 +49,12 @@ class SlurmJobFailed(ValueError):
         super().__init__(f"{log_file}: {problem}")
 
 
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+def _job_error(text: str) -> str:
+    """The job's own error line from submitit's FailedJobError text (which wraps the job's
+    traceback between dashed lines, then names the log files)."""
+    parts = str(text).split("-" * 22)
+    trace = parts[1] if len(parts) >= 3 else str(text)
+    lines = [line.strip() for line in trace.splitlines() if line.strip()]
     return lines[-1] if lines else "no error message"
 
 
@@ -110,10 +115,9 @@ class SlurmLauncher(PluginSlurmLauncher):
         try:
             return job.results()[0]
         except Exception as err:  # submitit's FailedJobError / UncompletedJobError
-            state = job.state
             error = SlurmJobFailed(
                 job.paths.stderr,
-                f"SLURM job {job.job_id} (sweep job {idx}) ended {state}: {_last_line(str(err))}",
+                f"SLURM job {job.job_id} (sweep job {idx}) failed: {_job_error(err)}",
             )
             log.error("%s", error)
             ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)

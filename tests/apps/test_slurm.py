@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from crc_lightning.cropstore.format import BUILD_HINT
 from tests.apps.test_distributed import SWEEP_ARGS, _env, tree
+from tests.apps.test_preprocess import shard_jobs, sharded_preprocess
 from tests.helpers.stores import write_fake_store
 
-SLURM_ARGS = [
-    "hydra/launcher=submitit_slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
-    "hydra.launcher.timeout_min=15", "trainer=cpu", "logger=none",
-]  # fmt: skip
+LAUNCHER = ["hydra/launcher=submitit_slurm", "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=15"]  # fmt: skip
+SLURM_ARGS = [*LAUNCHER, "trainer=cpu", "logger=none"]
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +48,13 @@ def slurm_sweep(cluster, tmp: Path, app: str, *overrides: str, timeout: int = 60
     sweep = sweeps[0] if len(sweeps) == 1 else None
     ids = []
     if sweep is not None and (sweep / ".submitit").is_dir():
-        # submitit names each job's folder after its SLURM id: <array id>_<task>
-        ids = sorted(
-            (p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name)),
-            key=lambda s: int(s.rsplit("_", 1)[1]),
-        )
+        # submitit names each job's folder after its SLURM id: <array id>_<task> for the jobs of
+        # an array (beside the array's own <array id> folder), <id> for a sweep of one job
+        found = [p.name for p in (sweep / ".submitit").iterdir()]
+        tasks = [n for n in found if re.fullmatch(r"\d+_\d+", n)]
+        ids = sorted(tasks, key=lambda n: int(n.split("_")[1])) or [n for n in found if n.isdigit()]
+        cluster.wait_idle()  # the sweep returns on the jobs' results; SLURM's record follows
+        cluster.final_states(*ids)
     print(
         f"\n{app} sweep through SLURM: {seconds:.0f} s\n{cluster.sacct_text(*ids) if ids else ''}"
     )
@@ -59,8 +62,8 @@ def slurm_sweep(cluster, tmp: Path, app: str, *overrides: str, timeout: int = 60
 
 
 def states(cluster, ids: list[str]) -> list[str]:
-    rows = {r["JobID"]: r for r in cluster.sacct(*ids)}
-    return [rows[i]["State"] if i in rows else "MISSING" for i in ids]
+    rows = cluster.final_states(*ids)
+    return [rows.get(i, "MISSING") for i in ids]
 
 
 @pytest.mark.slurm
@@ -71,7 +74,6 @@ def test_run_sweep_goes_through_sbatch_and_completes(slurm_cluster, store, tmp_p
     assert len(ids) == 2, ids
     assert states(slurm_cluster, ids) == ["COMPLETED", "COMPLETED"]
     assert [r["ExitCode"] for r in slurm_cluster.sacct(*ids)] == ["0:0", "0:0"]
-    slurm_cluster.wait_idle()
     comp = slurm_cluster.jobcomp_states()  # the second record: slurmctld's job completion file
     assert [comp.get(i) for i in ids] == ["COMPLETED", "COMPLETED"], comp
     # each job ran in SLURM (its own SLURM log) and wrote its results into its own folder
@@ -106,7 +108,6 @@ def test_failed_job_is_failed_in_sacct_and_the_other_completes(slurm_cluster, st
     assert proc.returncode == 2, proc.stderr[-4000:]
     assert len(ids) == 2, ids
     assert states(slurm_cluster, ids) == ["COMPLETED", "FAILED"]
-    slurm_cluster.wait_idle()
     assert [slurm_cluster.jobcomp_states().get(i) for i in ids] == ["COMPLETED", "FAILED"]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
     assert (jobs[0] / "metrics.json").is_file() and not (jobs[1] / "metrics.json").exists()
@@ -117,8 +118,9 @@ def test_failed_job_is_failed_in_sacct_and_the_other_completes(slurm_cluster, st
     assert "no crop store here" in (jobs[1] / "run.log").read_text()
     # and one line on the console naming the SLURM job, its state, its error and its log
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"run: {err_log}: SLURM job {ids[1]} (sweep job 1) ended FAILED")
-    assert "no crop store here" in last and "Traceback" not in proc.stderr
+    assert last.startswith(f"run: {err_log}: SLURM job {ids[1]} (sweep job 1) failed: ")
+    assert last.endswith(f"InputError: {bad}: no crop store here; {BUILD_HINT}"), last
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.slurm
@@ -139,6 +141,34 @@ def test_pretrain_through_the_same_launcher(slurm_cluster, store, tmp_path) -> N
     assert result["weights_file"] == str(weights) and len(result["epoch_losses"]) == 1
     _, _, meta = load_simclr_weights(weights, 32, False, "test_efficientnet")
     assert meta["res"] == 32
+
+
+@pytest.mark.slurm
+def test_preprocess_shards_as_slurm_jobs_merge_into_the_single_process_store(
+    slurm_cluster, single_store, tmp_path
+) -> None:
+    """``preprocess -m shard=0/2,1/2 hydra/launcher=submitit_slurm``: a SLURM array of two shard
+    jobs, merged by the submitting process into the store a single process builds."""
+    from crc_lightning.cropstore.reader import CropStore
+    from tests.cropstore.test_store import assert_same_store
+
+    root, single = single_store
+    sharded = tmp_path / "sharded"
+    env = {**_env(), "SLURM_CONF": str(slurm_cluster.conf)}
+    t0 = time.monotonic()
+    proc = sharded_preprocess(root, sharded, *LAUNCHER, env=env)
+    seconds = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (sweep,) = (root / "outputs" / "preprocess" / "multiruns").iterdir()
+    ids = sorted(
+        p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name)
+    )
+    slurm_cluster.wait_idle()
+    print(f"\npreprocess shards through SLURM: {seconds:.0f} s\n{slurm_cluster.sacct_text(*ids)}")
+    assert states(slurm_cluster, ids) == ["COMPLETED", "COMPLETED"]
+    assert [(j["shard"], j["shards"]) for j in shard_jobs(root)] == [(0, 2), (1, 2)]
+    assert_same_store(single, sharded)
+    assert CropStore(sharded).summary["shards"] == 2
 
 
 def test_cpu_trainer_asks_slurm_for_no_gpu(app_config) -> None:

@@ -50,6 +50,7 @@ SBIN = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
 CLUSTER = "crc"
 NODE = "crcnode"
 DB_USER, DB_PASS = "slurm", "crc-test"
+ACTIVE_STATES = ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "RESIZING")
 
 
 def _which(name: str) -> str | None:
@@ -162,6 +163,17 @@ class LocalSlurm:
         keys = fields.split(",")
         out = self.client(*cmd)
         return [dict(zip(keys, line.split("|"))) for line in out.splitlines() if line.strip()]
+
+    def final_states(self, *job_ids: str, timeout: float = 60) -> dict[str, str]:
+        """``{job id: state}`` from ``sacct`` once every job has a final state (slurmctld hands
+        job ends to slurmdbd asynchronously, so a job that just ended may still read RUNNING)."""
+        end = time.monotonic() + timeout
+        while True:
+            rows = {r["JobID"]: r["State"] for r in self.sacct(*job_ids)}
+            pending = [j for j in job_ids if rows.get(j, "") in ("", *ACTIVE_STATES)]
+            if not pending or time.monotonic() > end:
+                return rows
+            time.sleep(0.5)
 
     def sacct_text(self, *job_ids: str) -> str:
         """``sacct`` as a person reads it (for test reports)."""
