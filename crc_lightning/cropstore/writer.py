@@ -216,7 +216,10 @@ def _case_labels(case: Any) -> list[list[Any]] | None:
     if labels is None:
         return None
     return [
-        [None if k is None else int(k), {str(g): int(v) for g, v in genes.items()}]
+        [
+            None if k is None else int(k),
+            {str(g): None if v is None else int(v) for g, v in genes.items()},
+        ]
         for k, genes in labels.items()
     ]
 
