@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED ?= 0
 
-.PHONY: install test test-slow demo lint format bench clean
+.PHONY: install test test-slow test-slurm demo lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,18 +22,23 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -m 'not slow and not slurm'
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# Sweeps through a real single-node SLURM started on this machine (tests/helpers/slurm.py):
+# slurm-wlm, slurmdbd, munge and mariadb-server are apt-get installed first when missing (root).
+test-slurm: $(STAMP)
+	CRC_SLURM_INSTALL=1 $(PY) -m pytest -q -p no:cacheprovider -m slurm -rs
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check crc_lightning tests benchmarks
-	$(VENV)/bin/ruff format --check crc_lightning tests benchmarks
+	$(VENV)/bin/ruff check crc_lightning hydra_plugins tests benchmarks
+	$(VENV)/bin/ruff format --check crc_lightning hydra_plugins tests benchmarks
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format crc_lightning tests benchmarks
-	$(VENV)/bin/ruff check --fix crc_lightning tests benchmarks
+	$(VENV)/bin/ruff format crc_lightning hydra_plugins tests benchmarks
+	$(VENV)/bin/ruff check --fix crc_lightning hydra_plugins tests benchmarks
 
 # The main job end-to-end on the built-in synthetic cohort (minutes on a laptop CPU):
 # synthetic cohort -> crop store -> short SimCLR pretraining on a second (OOD) synthetic cohort ->

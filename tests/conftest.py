@@ -30,3 +30,20 @@ def app_config(tmp_path):
         return compose_app(app, *base, *overrides, hydra_config=hydra_config)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real single-node SLURM cluster (slurmctld, slurmd, slurmdbd + MariaDB, munge) for the
+    session, stopped at its end (:mod:`tests.helpers.slurm`); skips with the reason when this
+    machine cannot run one. Tests using it are marked ``slurm``."""
+    from tests.helpers.slurm import start_cluster, unavailable
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -77,3 +77,17 @@ def test_preprocess_help_from_the_wheel(wheel_python, tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "preprocess is powered by Hydra" in proc.stdout
     assert "data: crlm, ircadb, lits, manifest, synthetic" in proc.stdout
+
+
+def test_the_slurm_launcher_plugin_ships_in_the_wheel(wheel_python, tmp_path) -> None:
+    """Hydra finds launchers only under ``hydra_plugins``: the wheel must carry the project's."""
+    code = (
+        "from hydra.core.plugins import Plugins; from hydra.plugins.launcher import Launcher; "
+        "import hydra_plugins.crc_lightning_slurm.slurm_launcher as m; print(m.__file__); "
+        "print(sorted(f'{c.__module__}.{c.__name__}' for c in Plugins.instance().discover(Launcher)))"
+    )
+    proc = _run(wheel_python, tmp_path, "-c", code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    location = Path(proc.stdout.splitlines()[0])
+    assert REPO not in location.parents and wheel_python.parents[1] in location.parents
+    assert "hydra_plugins.crc_lightning_slurm.slurm_launcher.SlurmLauncher" in proc.stdout

@@ -272,10 +272,31 @@ def short_dirname(name: str, limit: int = MAX_DIRNAME_BYTES) -> str:
     return raw[: limit - 9].decode(errors="ignore") + "~" + digest
 
 
+GPUS_RESOLVER = "crc_gpus"
+
+
+def gpus_per_job(accelerator: Any, devices: Any) -> int | None:
+    """GPUs a scheduler should give a job of this trainer: ``devices`` for a GPU (or ``auto``)
+    trainer, None (ask for none) on CPU — ``trainer=cpu`` / ``ddp_sim`` jobs fit CPU-only nodes.
+    A device list counts its entries; ``devices=auto``/``-1`` cannot be counted: None."""
+    if str(accelerator).lower() == "cpu":
+        return None
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        return len(devices)
+    try:
+        n = int(devices)
+    except (TypeError, ValueError):
+        return None
+    return n if n > 0 else None
+
+
 def register_resolvers() -> None:
-    """``${crc_dirname:…}`` (:func:`short_dirname`) for ``hydra.sweep.subdir``."""
+    """``${crc_dirname:…}`` (:func:`short_dirname`) for ``hydra.sweep.subdir`` and
+    ``${crc_gpus:accelerator,devices}`` (:func:`gpus_per_job`) for the SLURM launcher."""
     if not OmegaConf.has_resolver(DIRNAME_RESOLVER):
         OmegaConf.register_new_resolver(DIRNAME_RESOLVER, short_dirname)
+    if not OmegaConf.has_resolver(GPUS_RESOLVER):
+        OmegaConf.register_new_resolver(GPUS_RESOLVER, gpus_per_job)
 
 
 register_resolvers()

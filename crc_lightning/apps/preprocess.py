@@ -5,6 +5,15 @@ Where the cases come from is ``data.kind`` (the :data:`crc_lightning.sources.SOU
 ``synthetic`` (generated once, then reused), ``manifest`` (your cohort CSV), or an OOD source
 ``lits`` / ``ircadb`` / ``crlm`` (unlabelled, content duplicates dropped). Patient ids are never
 logged; the printed summary has counts only.
+
+Sharded builds (cohorts too big for one machine): ``shard=i/n`` preprocesses only the ``i``-th of
+``n`` patient shards (:func:`~crc_lightning.cropstore.writer.shard_of_patients`) and writes its
+part into the store folder; ``merge=true`` merges the parts into the store, equal to a
+single-process build's. A ``-m`` sweep over the shards merges by itself at its end
+(:class:`MergeShardsCallback`), with any launcher::
+
+    python -m crc_lightning.preprocess -m data=lits shard=0/4,1/4,2/4,3/4 hydra/launcher=joblib
+    python -m crc_lightning.preprocess data=lits merge=true    # only if the sweep did not finish
 """
 
 from __future__ import annotations
@@ -14,16 +23,28 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig, OmegaConf
 
-from crc_lightning.apps._hydra import CONF_DIR, plain, run_app
+from crc_lightning.apps._hydra import CONF_DIR, AbortRun, UsageError, plain, run_app
 from crc_lightning.cropstore.format import INDEX_FILE
 from crc_lightning.data.labels import LabelSet
 from crc_lightning.io.errors import InputError
+from crc_lightning.io.files import write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["class_counts", "format_summary", "main", "preprocess"]
+__all__ = [
+    "SHARD_FILE",
+    "MergeShardsCallback",
+    "class_counts",
+    "format_summary",
+    "main",
+    "parse_shard",
+    "preprocess",
+]
+
+SHARD_FILE = "shard.json"  # in a shard job's output folder: which store it wrote a part of
 
 
 def class_counts(index, label_cfg) -> dict[str, dict[str, int]]:
@@ -71,24 +92,89 @@ def format_summary(name: str, store: Path, summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def preprocess(cfg: DictConfig) -> dict[str, Any]:
-    """Build (or update) the crop store ``cfg.data.store`` and return its summary."""
+def parse_shard(value: Any) -> tuple[int, int]:
+    """``"i/n"`` → ``(i, n)`` with ``0 <= i < n`` (shards are numbered from 0)."""
+    text = str(value).strip()
+    head, sep, tail = text.partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        shard, shards = int(head), int(tail)
+    except ValueError:
+        raise UsageError(
+            f"shard={text}: expected i/n, the i-th of n shards counted from 0 (e.g. shard=0/4)"
+        ) from None
+    if not (shards >= 1 and 0 <= shard < shards):
+        raise UsageError(f"shard={text}: need 0 <= i < n (shards are numbered 0 … n-1)")
+    return shard, shards
+
+
+def _finish(cfg: DictConfig, store: Path, summary: dict[str, Any]) -> dict[str, Any]:
     import pandas as pd
 
-    from crc_lightning.cropstore.writer import build_crop_store
-    from crc_lightning.preprocessing.algorithm import PreprocessParams
-    from crc_lightning.sources import load_cases
-
-    params = PreprocessParams.from_config(plain(cfg.preprocess))
-    genes = LabelSet.from_config(cfg.labels).genes
-    cases = load_cases(plain(cfg.data), genes, params.read_options())
-    store = Path(cfg.data.store)
-    summary = build_crop_store(
-        cases, store, params, n_jobs=int(cfg.n_jobs), progress=bool(cfg.progress)
-    )
     summary["per_class"] = class_counts(pd.read_parquet(store / INDEX_FILE), cfg.labels)
     print(format_summary(str(cfg.data.name), store, summary))
     return summary
+
+
+def preprocess(cfg: DictConfig) -> dict[str, Any]:
+    """Build (or update) the crop store ``cfg.data.store`` and return its summary; with
+    ``shard=i/n`` only that shard's part, with ``merge=true`` the store from the parts."""
+    from crc_lightning.cropstore.writer import build_crop_store, build_shard, merge_shards
+    from crc_lightning.preprocessing.algorithm import PreprocessParams
+    from crc_lightning.sources import load_cases
+
+    store = Path(cfg.data.store)
+    shard = cfg.get("shard")
+    if cfg.get("merge"):
+        if shard is not None:
+            raise UsageError("merge=true and shard=… are two steps: run the shards, then merge")
+        return _finish(cfg, store, merge_shards(store))
+    params = PreprocessParams.from_config(plain(cfg.preprocess))
+    genes = LabelSet.from_config(cfg.labels).genes
+    cases = load_cases(plain(cfg.data), genes, params.read_options())
+    n_jobs, progress = int(cfg.n_jobs), bool(cfg.progress)
+    if shard is None:
+        return _finish(cfg, store, build_crop_store(cases, store, params, n_jobs, progress))
+    i, n = parse_shard(shard)
+    summary = build_shard(cases, store, params, i, n, n_jobs, progress)
+    out = OmegaConf.select(cfg, "paths.output_dir", throw_on_resolution_failure=False)
+    if out:  # for MergeShardsCallback at the end of a sweep
+        write_json(Path(str(out)) / SHARD_FILE, {"store": str(store.resolve()), "shard": i,
+                                                "shards": n})  # fmt: skip
+    print(
+        f"crop store '{cfg.data.name}' shard {i}/{n}: {store}\n"
+        f"  patients {summary['patients']}  cases {summary['cases']} ({summary['computed']} "
+        f"computed, {summary['reused']} reused)  crops {summary['crops']}\n"
+        f"  part written; once all {n} shards are done, merge them: the same command with "
+        "merge=true instead of shard=… (a -m sweep over the shards merges by itself)"
+    )
+    return summary
+
+
+class MergeShardsCallback(HydraCallback):
+    """At the end of a ``preprocess -m`` sweep, merge every store whose shards its jobs built
+    (each shard job leaves :data:`SHARD_FILE` in its folder), in the sweep's own process.
+
+    Runs only when the sweep finished: a failed shard job fails the sweep first, and its store is
+    merged with ``merge=true`` once that shard has been run again. A merge error stops the sweep
+    with one line (exit 2)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        import json
+
+        from crc_lightning.cropstore.writer import merge_shards
+
+        sweep = Path(str(config.hydra.sweep.dir))
+        stores = sorted({json.loads(f.read_text())["store"] for f in sweep.rglob(SHARD_FILE)})
+        for store in stores:
+            try:
+                summary = merge_shards(store)
+            except InputError as err:
+                raise AbortRun(f"merging the shards of {store} failed: {err}") from err
+            name = str(OmegaConf.select(config, "data.name", default=Path(store).name))
+            _finish(config, Path(store), summary)
+            log.info("merged %d shards into the crop store %s (%s)", summary["shards"], store, name)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="preprocess")

@@ -119,7 +119,7 @@ def _run_key(cfg: DictConfig, stores: dict[str, Path]) -> str:
         "batch_size": int(cfg.batch_size),
         "temperature": float(cfg.temperature),
         "stores": {k: str(v.resolve()) for k, v in sorted(stores.items())},
-        "data": plain(cfg.data),
+        "data": {k: v for k, v in plain(cfg.data).items() if k != "cache"},  # how, not what
         "exclude_test_of": plain(cfg.exclude_test_of),
         "model": model,
     }
@@ -334,6 +334,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         res=int(cfg.res),
         batch_size=int(cfg.batch_size),
         num_workers=int(cfg.data.num_workers),
+        cache=str(cfg.data.get("cache", "lazy")),
         seed=int(cfg.seed),
         exclude_patients=[str(p) for p in cfg.data.exclude_patients or []],
         exclude_by_store=_exclusions(cfg, stores),

@@ -7,7 +7,10 @@ A crop store is a folder, the only input of ``pretrain`` and ``run``:
   ``case_hash`` = sha256 over (input file bytes, mask rule, parameters, package version);
 * :data:`INDEX_FILE` — one row per crop (:data:`INDEX_COLUMNS` + one 0/1 column per gene);
 * :data:`META_FILE` — parameters, the canonical orientation of every array, the CTs' voxel spacing
-  distribution, input hashes per case, package version, creation time, summary.
+  distribution, input hashes per case, package version, creation time, summary;
+* while a sharded build is under way, ``shards/part-<i>-of-<n>.json`` (:func:`part_file`): one per
+  finished shard, the outcomes of its cases (hashes, crop metadata, labels), merged into the index
+  and removed by ``merge_shards`` (:mod:`.writer`).
 
 This module is the only place these names are spelled; the writer (:mod:`.writer`) and the reader
 (:mod:`.reader`) and everything above them go through it. The store's identity is the sha256 of its
@@ -21,6 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from crc_lightning.io.errors import InputError
 from crc_lightning.io.files import sha256_file
 from crc_lightning.sources.manifest import GENES
 
@@ -32,9 +36,12 @@ __all__ = [
     "INDEX_FILE",
     "META_FILE",
     "META_KEY",
+    "PART_GLOB",
+    "SHARDS_DIR",
     "STORE_FORMAT",
     "case_file",
     "is_store",
+    "part_file",
     "read_meta",
     "store_facts",
     "store_hash",
@@ -46,6 +53,8 @@ STORE_FORMAT = 3
 INDEX_FILE = "index.parquet"
 META_FILE = "store.json"
 CASES_DIR = "cases"
+SHARDS_DIR = "shards"
+PART_GLOB = "part-*-of-*.json"
 META_KEY = "__meta__"
 # GENES (the manifest's gene columns) come first in the index; a cohort's own extra genes follow
 INDEX_COLUMNS: tuple[str, ...] = (
@@ -70,6 +79,11 @@ def case_file(case_hash: str) -> str:
     return f"{CASES_DIR}/{case_hash}.npz"
 
 
+def part_file(shard: int, shards: int) -> str:
+    """The part file (relative to the store) that shard ``shard`` of ``shards`` writes."""
+    return f"{SHARDS_DIR}/part-{int(shard):04d}-of-{int(shards):04d}.json"
+
+
 def is_store(store_dir: str | Path) -> bool:
     """True when ``store_dir`` holds a finished crop store (index and metadata written)."""
     store = Path(store_dir)
@@ -77,7 +91,10 @@ def is_store(store_dir: str | Path) -> bool:
 
 
 def read_meta(store_dir: str | Path) -> dict[str, Any]:
-    """The store's metadata (``store.json``)."""
+    """The store's metadata (``store.json``); no store there is an InputError naming the folder
+    and the command that builds one."""
+    if not is_store(store_dir):
+        raise InputError(store_dir, f"no crop store here; {BUILD_HINT}")
     return json.loads((Path(store_dir) / META_FILE).read_text())
 
 

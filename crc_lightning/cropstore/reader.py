@@ -2,10 +2,16 @@
 
 Crops are stored as int16 HU (square, at their stored pixel size), so the CT window and the model
 resolution are read-time parameters (:mod:`crc_lightning.data.inputs`).
+
+Two ways to read: :class:`CropStore` loads a whole case file on first use and keeps recent cases
+(for reading everything once); :class:`CaseFileReader` reads one crop at a time — a case file is an
+uncompressed ``.npz`` (a zip of ``.npy`` members), so one crop is one member read, and memory does
+not depend on the cohort (the training data modules' ``cache=lazy``).
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +23,7 @@ import pandas as pd
 from crc_lightning.cropstore.format import BUILD_HINT, INDEX_FILE, is_store, read_meta
 from crc_lightning.io.errors import InputError
 
-__all__ = ["CropStore"]
+__all__ = ["CaseFileReader", "CropStore"]
 
 
 class CropStore:
@@ -73,3 +79,53 @@ class CropStore:
 
     def load_many(self, crop_ids: Sequence[str]) -> list[np.ndarray]:
         return [self.load(c) for c in crop_ids]
+
+
+class CaseFileReader:
+    """One crop at a time from case files, without loading the rest of the case.
+
+    Keeps up to ``max_open`` case files open (least recently used closed first): opening parses
+    the zip directory once, a read is then one member. Fork- and pickle-safe for DataLoader
+    workers: open files belong to the process that opened them (a forked worker opens its own;
+    they all share the operating system's page cache), and the reader pickles without them.
+    """
+
+    def __init__(self, max_open: int = 64) -> None:
+        self.max_open = int(max_open)
+        self._open: OrderedDict[str, Any] = OrderedDict()
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"max_open": self.max_open}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["max_open"])
+
+    def _npz(self, path: str) -> Any:
+        if os.getpid() != self._pid:  # a forked worker: the parent's handles are not ours
+            self._open = OrderedDict()
+            self._pid = os.getpid()
+        npz = self._open.get(path)
+        if npz is not None:
+            self._open.move_to_end(path)
+            return npz
+        if not os.path.isfile(path):
+            raise InputError(path, f"case file listed in the index is missing; {BUILD_HINT}")
+        npz = np.load(path, allow_pickle=False)
+        self._open[path] = npz
+        while len(self._open) > self.max_open:
+            self._open.popitem(last=False)[1].close()
+        return npz
+
+    def read(self, path: str | Path, key: str) -> np.ndarray:
+        """The crop ``key`` of the case file ``path`` (int16 HU)."""
+        npz = self._npz(str(path))
+        try:
+            return npz[key]
+        except KeyError:
+            raise InputError(path, f"case file has no crop {key!r}; {BUILD_HINT}") from None
+
+    def close(self) -> None:
+        for npz in self._open.values():
+            npz.close()
+        self._open.clear()

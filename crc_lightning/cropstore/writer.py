@@ -31,11 +31,14 @@ from crc_lightning.cropstore.format import (
     INDEX_FILE,
     META_FILE,
     META_KEY,
+    PART_GLOB,
+    SHARDS_DIR,
     STORE_FORMAT,
     case_file,
+    part_file,
 )
 from crc_lightning.io.errors import InputError
-from crc_lightning.io.files import TMP_PREFIX, sha256_path, write_atomic
+from crc_lightning.io.files import TMP_PREFIX, sha256_path, write_atomic, write_json
 from crc_lightning.io.volume import CANONICAL, CANONICAL_DESCRIPTION
 from crc_lightning.preprocessing.algorithm import PreprocessParams, preprocess_scan
 
@@ -45,9 +48,13 @@ __all__ = [
     "CaseOutcome",
     "PreprocessError",
     "build_crop_store",
+    "build_shard",
     "case_fingerprint",
+    "merge_shards",
     "package_version",
     "process_case",
+    "shard_of_patients",
+    "shard_parts",
     "spacing_distribution",
 ]
 
@@ -75,6 +82,11 @@ class CaseOutcome:
     meta: dict[str, Any] = field(default_factory=dict)
     computed: bool = False  # False = reused an existing case file
     error: str | None = None
+    # what the index needs of the case itself, so a shard part is all a merge reads
+    position: int = -1  # the case's place in the cohort's case list (index row order)
+    patient_id: str = ""
+    source: str = ""
+    labels: list[list[Any]] | None = None  # [[lesion | None, {gene: 0/1}], ...]; None = unlabelled
 
 
 # --------------------------------------------------------------------------- hashing
@@ -191,7 +203,8 @@ def _run_case(
 ) -> CaseOutcome:
     """Hash → reuse the existing case file if there is one → else compute. Data errors are
     returned (so every bad case is reported at once), programming errors propagate."""
-    out = CaseOutcome(case_id=str(case.case_id))
+    out = CaseOutcome(case_id=str(case.case_id), patient_id=str(case.patient_id),
+                      source=str(case.source), labels=_case_labels(case))  # fmt: skip
     try:
         out.image_sha256, out.mask_sha256, out.case_hash = case_fingerprint(case, params, version)
         path = cases_dir / f"{out.case_hash}.npz"
@@ -210,24 +223,39 @@ def _run_case(
 # --------------------------------------------------------------------------- index
 
 
-def _lesion_genes(case: Any, lesion: int) -> dict[str, int] | None:
-    """Gene labels of a lesion: {} for unlabelled (OOD) cases, None if a labelled case lacks it."""
+def _case_labels(case: Any) -> list[list[Any]] | None:
+    """A case's lesion labels as JSON: ``[[lesion | None, {gene: 0/1}], ...]``, None if unlabelled
+    (OOD). ``None`` as the lesion = every lesion of the case (a ``*`` manifest row)."""
     labels = getattr(case, "lesions", None)
     if labels is None:
+        return None
+    return [
+        [
+            None if k is None else int(k),
+            {str(g): None if v is None else int(v) for g, v in genes.items()},
+        ]
+        for k, genes in labels.items()
+    ]
+
+
+def _lesion_genes(labels: list[list[Any]] | None, lesion: int) -> dict[str, int] | None:
+    """Gene labels of a lesion: {} for unlabelled (OOD) cases, None if a labelled case lacks it."""
+    if labels is None:
         return {}
-    if lesion in labels:
-        return dict(labels[lesion])
-    if None in labels:
-        return dict(labels[None])
+    by_lesion = {k: genes for k, genes in labels}
+    if lesion in by_lesion:
+        return dict(by_lesion[lesion])
+    if None in by_lesion:
+        return dict(by_lesion[None])
     return None
 
 
-def _index_rows(case: Any, meta: Mapping[str, Any], counts: dict[str, int]) -> list[dict]:
-    pid = str(case.patient_id)
+def _index_rows(out: CaseOutcome, counts: dict[str, int]) -> list[dict]:
+    pid, meta = out.patient_id, out.meta
     file = case_file(meta["case_hash"])
     rows, skipped = [], set()
     for c in meta["crops"]:
-        genes = _lesion_genes(case, int(c["lesion"]))
+        genes = _lesion_genes(out.labels, int(c["lesion"]))
         if genes is None:
             skipped.add(int(c["lesion"]))
             continue
@@ -242,7 +270,7 @@ def _index_rows(case: Any, meta: Mapping[str, Any], counts: dict[str, int]) -> l
                 "spacing_y": float(c["spacing_y"]),
                 "spacing_x": float(c["spacing_x"]),
                 "size_px": int(c["size_px"]),
-                "source": str(case.source),
+                "source": out.source,
                 "case_file": file,
                 "key": str(c["key"]),
                 **genes,
@@ -255,10 +283,10 @@ def _index_rows(case: Any, meta: Mapping[str, Any], counts: dict[str, int]) -> l
     return rows
 
 
-def _gene_columns(cases: Sequence[Any]) -> list[str]:
+def _gene_columns(outcomes: Sequence[CaseOutcome]) -> list[str]:
     extra = set()
-    for case in cases:
-        for genes in (getattr(case, "lesions", None) or {}).values():
+    for out in outcomes:
+        for _, genes in out.labels or []:
             extra.update(str(g) for g in genes)
     return list(GENES) + sorted(extra - set(GENES))
 
@@ -318,78 +346,92 @@ def _remove_stale_tmp(*folders: Path) -> None:
                 tmp.unlink()
 
 
-def build_crop_store(
-    cases: Iterable[Any],
-    store_dir: str | Path,
-    params: PreprocessParams | Mapping[str, Any],
-    n_jobs: int = 1,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Preprocess ``cases`` (``crc_lightning.io.cases.Case``) into the crop store at ``store_dir``.
-
-    Parallel over cases (joblib, ``n_jobs``; -1 = all cores); cases whose case file already exists
-    are reused. Bad cases are all collected and reported in one :class:`PreprocessError`; then
-    the store is left exactly as it was (case files created by this run are removed again).
-    Returns the summary also written to ``store.json``.
-    """
+def _checked_cases(cases: Iterable[Any], store_dir: Path) -> list[Any]:
     cases = list(cases)
-    if not isinstance(params, PreprocessParams):
-        params = PreprocessParams.from_config(params)
-    store_dir = Path(store_dir)
-    cases_dir = store_dir / CASES_DIR
-    version = package_version()
-
     seen: dict[str, int] = {}
     for case in cases:
         seen[str(case.case_id)] = seen.get(str(case.case_id), 0) + 1
     dupes = sorted(c for c, n in seen.items() if n > 1)
     if dupes:
         raise PreprocessError(store_dir, [f"case id {c!r} appears more than once" for c in dupes])
+    return cases
 
+
+def _remove_computed(cases_dir: Path, outcomes: Iterable[CaseOutcome]) -> None:
+    """Take back the case files a failed run wrote (the store stays as it was)."""
+    for out in outcomes:
+        if out.computed:
+            with contextlib.suppress(FileNotFoundError):
+                (cases_dir / f"{out.case_hash}.npz").unlink()
+
+
+def _compute(
+    cases: Sequence[Any],
+    positions: Sequence[int],
+    store_dir: Path,
+    params: PreprocessParams,
+    version: str,
+    n_jobs: int,
+    progress: bool,
+    clean_tmp: bool,
+) -> list[CaseOutcome]:
+    """Algorithm 1 over ``cases`` (reusing existing case files) → their outcomes, in order.
+    Bad cases: all reported in one PreprocessError, and this run's case files taken back."""
+    cases_dir = store_dir / CASES_DIR
     cases_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(store_dir, cases_dir)
-    t0 = time.perf_counter()
+    if clean_tmp:  # never in a shard: the other shards' temporaries are in the same folder
+        _remove_stale_tmp(store_dir, cases_dir)
     outcomes: list[CaseOutcome] = []
     try:
         for out in _iter_outcomes(cases, params, cases_dir, version, n_jobs, progress):
             outcomes.append(out)
     except BaseException:
-        _remove_stale_tmp(store_dir, cases_dir)
+        _remove_computed(cases_dir, outcomes)
+        if clean_tmp:
+            _remove_stale_tmp(store_dir, cases_dir)
         raise
-
-    def fail(problems: list[str]) -> PreprocessError:
-        for out in outcomes:
-            if out.computed:  # written by this run: take it back, the store stays as it was
-                with contextlib.suppress(FileNotFoundError):
-                    (cases_dir / f"{out.case_hash}.npz").unlink()
-        return PreprocessError(store_dir, problems)
-
     problems = [o.error for o in outcomes if o.error]
     if problems:
-        raise fail(problems)
+        _remove_computed(cases_dir, outcomes)
+        raise PreprocessError(store_dir, problems)
+    for out, position in zip(outcomes, positions):
+        out.position = int(position)
+    return outcomes
 
+
+def _write_store(
+    store_dir: Path,
+    outcomes: Sequence[CaseOutcome],
+    params: PreprocessParams,
+    version: str,
+    seconds: float,
+    shards: int | None = None,
+) -> dict[str, Any]:
+    """Index + ``store.json`` from the outcomes of every case (in cohort order), written last;
+    then unreferenced case files and leftover shard parts are removed. The same code for a
+    single-process build and a merge of shards, so both give the same index bytes."""
     counts = dict.fromkeys(
         ("lesions_found", "lesions_without_crops", "lesions_unlabelled", "dropped_slices"), 0
     )
     rows: list[dict] = []
-    for case, out in zip(cases, outcomes):
-        rows.extend(_index_rows(case, out.meta, counts))
+    for out in outcomes:
+        rows.extend(_index_rows(out, counts))
     metas = [o.meta for o in outcomes]
-    genes = _gene_columns(cases)
+    genes = _gene_columns(outcomes)
     index = _build_index(rows, genes)
     dup = index["crop_id"][index["crop_id"].duplicated()].unique().tolist()
     if dup:
-        raise fail(
+        raise PreprocessError(
+            store_dir,
             [
                 f"crop id {d!r} is produced by more than one case (one patient with two scans "
                 "needs distinct patient_id values)"
                 for d in dup[:20]
-            ]
+            ],
         )
-
     summary = {
-        "cases": len(cases),
-        "patients": len({str(c.patient_id) for c in cases}),
+        "cases": len(outcomes),
+        "patients": len({o.patient_id for o in outcomes}),
         "lesions": int(index["lesion_uid"].nunique()),
         "crops": len(index),
         **counts,
@@ -399,7 +441,8 @@ def build_crop_store(
         "source_orientations": _tally(m.get("source_orientation") or "?" for m in metas),
         "computed": sum(o.computed for o in outcomes),
         "reused": sum(not o.computed for o in outcomes),
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(seconds, 3),
+        **({} if shards is None else {"shards": int(shards)}),
     }
     store = {
         "format": STORE_FORMAT,
@@ -423,7 +466,14 @@ def build_crop_store(
     index.to_parquet(buffer, index=False)
     write_atomic(store_dir / INDEX_FILE, buffer.getvalue())
     write_atomic(store_dir / META_FILE, json.dumps(store, indent=1))
+    cases_dir = store_dir / CASES_DIR
     summary["removed_files"] = _collect_garbage(cases_dir, {o.case_hash for o in outcomes})
+    _remove_stale_tmp(store_dir, cases_dir)
+    for part in shard_parts(store_dir):  # superseded by this index
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+    with contextlib.suppress(OSError):
+        (store_dir / SHARDS_DIR).rmdir()
     log.info(
         "crop store: %d cases (%d computed, %d reused), %d lesions, %d crops",
         summary["cases"],
@@ -463,6 +513,37 @@ def spacing_distribution(spacings: Sequence[Sequence[float]]) -> dict[str, Any]:
     }
 
 
+def build_crop_store(
+    cases: Iterable[Any],
+    store_dir: str | Path,
+    params: PreprocessParams | Mapping[str, Any],
+    n_jobs: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Preprocess ``cases`` (``crc_lightning.sources.case.Case``) into the crop store at
+    ``store_dir``.
+
+    Parallel over cases (joblib, ``n_jobs``; -1 = all cores); cases whose case file already exists
+    are reused. Bad cases are all collected and reported in one :class:`PreprocessError`; then
+    the store is left exactly as it was (case files created by this run are removed again).
+    Returns the summary also written to ``store.json``.
+    """
+    store_dir = Path(store_dir)
+    cases = _checked_cases(cases, store_dir)
+    if not isinstance(params, PreprocessParams):
+        params = PreprocessParams.from_config(params)
+    version = package_version()
+    t0 = time.perf_counter()
+    outcomes = _compute(
+        cases, range(len(cases)), store_dir, params, version, n_jobs, progress, clean_tmp=True
+    )
+    try:
+        return _write_store(store_dir, outcomes, params, version, time.perf_counter() - t0)
+    except PreprocessError:
+        _remove_computed(store_dir / CASES_DIR, outcomes)
+        raise
+
+
 def _collect_garbage(cases_dir: Path, keep: set[str]) -> int:
     """Delete case files the new index does not reference (after it is in place)."""
     removed = 0
@@ -472,3 +553,162 @@ def _collect_garbage(cases_dir: Path, keep: set[str]) -> int:
                 path.unlink()
                 removed += 1
     return removed
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def shard_of_patients(patient_ids: Sequence[str], shards: int) -> dict[str, int]:
+    """``{patient_id: shard}``: the sorted distinct patient ids dealt round-robin over ``shards``
+    — deterministic, by patient (every scan of a patient in one shard), balanced to one patient."""
+    return {p: i % int(shards) for i, p in enumerate(sorted({str(p) for p in patient_ids}))}
+
+
+def _cohort_id(cases: Sequence[Any], params: PreprocessParams, version: str) -> str:
+    """What every shard of one build must agree on: the ordered case list, parameters, version."""
+    return _sha256_json(
+        {
+            "format": STORE_FORMAT,
+            "version": version,
+            "params": params.to_dict(),
+            "cases": [[str(c.case_id), str(c.patient_id)] for c in cases],
+        }
+    )
+
+
+def shard_parts(store_dir: str | Path) -> list[Path]:
+    """The shard part files in a store folder (sorted)."""
+    return sorted((Path(store_dir) / SHARDS_DIR).glob(PART_GLOB))
+
+
+def build_shard(
+    cases: Iterable[Any],
+    store_dir: str | Path,
+    params: PreprocessParams | Mapping[str, Any],
+    shard: int,
+    shards: int,
+    n_jobs: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Preprocess shard ``shard`` of ``shards`` (0-based; :func:`shard_of_patients`) of the cohort
+    ``cases`` into ``store_dir``: its case files, then its part file (atomically, last), which
+    :func:`merge_shards` turns — with the other parts — into the store. ``cases`` is the whole
+    cohort, as every shard sees it. Any number of shards may run at once (separate processes or
+    machines sharing the folder): case files are content-addressed and written by atomic rename,
+    and no shard deletes anything but its own failed work. Returns the shard's summary."""
+    store_dir = Path(store_dir)
+    shard, shards = int(shard), int(shards)
+    if not (shards >= 1 and 0 <= shard < shards):
+        raise ValueError(f"shard {shard}/{shards}: need 0 <= shard < shards")
+    cases = _checked_cases(cases, store_dir)
+    if not isinstance(params, PreprocessParams):
+        params = PreprocessParams.from_config(params)
+    version = package_version()
+    part = store_dir / part_file(shard, shards)
+    with contextlib.suppress(FileNotFoundError):
+        part.unlink()  # a failed re-run must not leave the previous run's part behind
+    owner = shard_of_patients([c.patient_id for c in cases], shards)
+    mine = [i for i, c in enumerate(cases) if owner[str(c.patient_id)] == shard]
+    t0 = time.perf_counter()
+    outcomes = _compute(
+        [cases[i] for i in mine], mine, store_dir, params, version, n_jobs, progress, False
+    )
+    seconds = time.perf_counter() - t0
+    write_json(
+        part,
+        {
+            "format": STORE_FORMAT,
+            "version": version,
+            "params": params.to_dict(),
+            "cohort": _cohort_id(cases, params, version),
+            "n_cases": len(cases),
+            "shard": shard,
+            "shards": shards,
+            "seconds": round(seconds, 3),
+            "cases": [asdict(o) for o in outcomes],
+        },
+    )
+    summary = {
+        "shard": shard,
+        "shards": shards,
+        "cases": len(outcomes),
+        "patients": len({o.patient_id for o in outcomes}),
+        "crops": sum(len(o.meta["crops"]) for o in outcomes),
+        "computed": sum(o.computed for o in outcomes),
+        "reused": sum(not o.computed for o in outcomes),
+        "seconds": round(seconds, 3),
+        "part": str(part),
+    }
+    log.info("shard %d/%d: %d cases (%d computed), part %s", shard, shards, summary["cases"],
+             summary["computed"], part)  # fmt: skip
+    return summary
+
+
+def _read_parts(store_dir: Path) -> list[dict[str, Any]]:
+    parts = shard_parts(store_dir)
+    if not parts:
+        raise InputError(
+            store_dir / SHARDS_DIR,
+            "no shard parts to merge; run `python -m crc_lightning.preprocess shard=<i>/<n>` for "
+            "every shard first (with the same data and preprocess settings)",
+        )
+    out = []
+    for path in parts:
+        try:
+            doc = json.loads(path.read_text())
+            doc["_file"] = path
+            out.append(doc)
+        except (OSError, ValueError) as err:
+            raise InputError(path, f"unreadable shard part ({err}); run that shard again") from None
+    return out
+
+
+def merge_shards(store_dir: str | Path) -> dict[str, Any]:
+    """Merge the shard parts of ``store_dir`` (:func:`build_shard`) into its crop store.
+
+    Checks that the parts are one complete build — the same number of shards, every shard once,
+    the same cohort (case list), parameters and package version, each case once — and that the
+    case files they name exist; then writes the index and ``store.json`` with the code of
+    :func:`build_crop_store` (same cohort order), so the store equals a single-process build's
+    (same index bytes, hence the same store hash). No CT is read. The parts are removed after.
+    """
+    store_dir = Path(store_dir)
+    parts = _read_parts(store_dir)
+    counts = sorted({int(p["shards"]) for p in parts})
+    if len(counts) > 1:
+        raise InputError(
+            store_dir / SHARDS_DIR,
+            f"shard parts of different shard counts {counts}: delete the stale ones, or run every "
+            f"shard of one count",
+        )
+    n = counts[0]
+    missing = sorted(set(range(n)) - {int(p["shard"]) for p in parts})
+    if missing:
+        todo = ", ".join(f"shard={i}/{n}" for i in missing)
+        raise InputError(
+            store_dir / SHARDS_DIR,
+            f"{len(missing)} of {n} shard(s) not done ({todo}): run them, then merge again",
+        )
+    first = parts[0]
+    for p in parts[1:]:
+        for key in ("cohort", "params", "version", "format"):
+            if p[key] != first[key]:
+                raise InputError(
+                    p["_file"],
+                    f"this shard part has another {key} than {first['_file'].name} (the cohort "
+                    "or the settings changed between shards): run every shard again",
+                )
+    outcomes = [CaseOutcome(**c) for p in parts for c in p["cases"]]
+    outcomes.sort(key=lambda o: o.position)
+    if [o.position for o in outcomes] != list(range(int(first["n_cases"]))):
+        raise InputError(store_dir / SHARDS_DIR, "the shard parts do not cover every case once")
+    cases_dir = store_dir / CASES_DIR
+    lost = [o.case_id for o in outcomes if not (cases_dir / f"{o.case_hash}.npz").is_file()]
+    if lost:
+        raise InputError(
+            cases_dir, f"{len(lost)} case file(s) named by the shard parts are missing: run "
+            "their shards again",
+        )  # fmt: skip
+    params = PreprocessParams.from_config(first["params"])
+    seconds = sum(float(p["seconds"]) for p in parts)
+    return _write_store(store_dir, outcomes, params, str(first["version"]), seconds, shards=n)

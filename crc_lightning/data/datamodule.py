@@ -10,10 +10,18 @@
 3. median balancing of the *training* rows (:mod:`.balance`), **once per setup**, drawn from the
    seed — the paper balances "at the beginning of the training phase"; re-drawing per epoch would
    make the epoch content depend on how many epochs ran, and a fixed set is easier to audit;
-4. pre-load every crop windowed (``window``: the ``input.window`` node) and resized to ``res``, as one
-   float32 tensor in [0, 1] (window → /255 → :func:`resize_square`). Crop stores are small (a few
-   thousand crops; 4 GB at res 512 for 4 000 crops), and the tensor is cached per process under
-   (store folder, index file stamp, res, window), so folds/seeds in one process reuse it.
+4. the images, windowed (``window``: the ``input.window`` node) and resized to ``res``, float32 in
+   [0, 1] (window → /255 → :func:`resize_square`), by ``cache``:
+
+   * ``lazy`` (default): each crop is read from its case file when a batch needs it
+     (:class:`~crc_lightning.data.images.StoreImages`): memory does not grow with the cohort, and
+     DataLoader workers share the case files through the page cache. ``benchmarks/memory.py``:
+     peak RSS flat from 1× to 16× the synthetic cohort, training images/s as in memory;
+   * ``memory``: every crop pre-loaded as one tensor (64 KB a crop at res 128: 4 000 crops =
+     256 MB, 1 GB at res 256), cached per process under (store folder, index file stamp, res,
+     window), so folds/seeds run in one process reuse it — for small cohorts and many short jobs.
+
+   Both give the same tensors, bit for bit.
 
 Batches are dicts ``{"image": [B,1,res,res] float32 in [0,1], "target": [B,C] float32,
 "index": [B] long}`` where ``index`` is the row of ``train_index`` / ``val_index`` / ``test_index``
@@ -47,12 +55,13 @@ from crc_lightning.cropstore.format import GENES, INDEX_FILE
 from crc_lightning.cropstore.reader import CropStore
 from crc_lightning.data.augment import ClassifierAugment, Normalize
 from crc_lightning.data.balance import median_balance
+from crc_lightning.data.images import StoreImages, check_cache_mode
 from crc_lightning.data.inputs import crops_to_tensor
 from crc_lightning.data.labels import LabelSet
 from crc_lightning.data.splits import Split, gene_matrix, split_for
 from crc_lightning.io.errors import InputError
 
-__all__ = ["CropDataModule", "clear_cache", "labelled_rows", "load_images"]
+__all__ = ["CropDataModule", "clear_cache", "labelled_rows", "load_images", "store_images"]
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +136,23 @@ def labelled_rows(
     return df
 
 
+def store_images(store: CropStore, res: int, width: float, level: float) -> StoreImages:
+    """Every crop of ``store`` (index order) as a lazily read ``[N, 1, res, res]`` sequence: item
+    ``i`` equals ``load_images(store, res, width, level)[i]``."""
+    files = [str(store.path / f) for f in store.index["case_file"].astype(str)]
+    return StoreImages(files, store.index["key"].astype(str).tolist(), res, (width, level))
+
+
 class _CropDataset(Dataset):
-    """Rows ``sample`` of one stage (repeats allowed) over the shared pre-loaded image tensor."""
+    """Rows ``sample`` of one stage (repeats allowed) over the shared images of the store
+    (the pre-loaded tensor, or :class:`StoreImages` reading them on demand)."""
 
     def __init__(
-        self, images: torch.Tensor, store_rows: np.ndarray, targets: np.ndarray, sample: np.ndarray
+        self,
+        images: torch.Tensor | StoreImages,
+        store_rows: np.ndarray,
+        targets: np.ndarray,
+        sample: np.ndarray,
     ) -> None:
         self.images = images
         # torch.tensor copies: pandas' copy-on-write hands out read-only arrays
@@ -145,7 +166,7 @@ class _CropDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         row = self.sample[i]
         return {
-            "image": self.images[self.store_rows[row]],
+            "image": self.images[int(self.store_rows[row])],
             "target": self.targets[row],
             "index": row,
         }
@@ -158,6 +179,7 @@ class CropDataModule(pl.LightningDataModule):
     the config ``mode`` (holdout | kfold | cv: fold ``fold`` of the partition), ``test_size``,
     ``val_size``, ``n_splits``, ``fold``, ``repeat`` (``conf/split/*.yaml``). ``window`` (``width``, ``level``) and ``normalize``
     (``mean``, ``std``): the ``input`` config node. ``augment``: :class:`ClassifierAugment` keys.
+    ``cache``: ``lazy`` (read crops when batched) | ``memory`` (pre-load them; module docstring).
     """
 
     def __init__(
@@ -175,8 +197,10 @@ class CropDataModule(pl.LightningDataModule):
         augment: Mapping[str, Any] | None = None,
         exclude_patients: Iterable[str] = (),
         pin_memory: bool = False,
+        cache: str = "lazy",
     ) -> None:
         super().__init__()
+        self.cache = check_cache_mode(cache)
         self.store_dir = Path(store_dir)
         self.labels = labels if isinstance(labels, LabelSet) else LabelSet.from_config(labels)
         self.res = int(res)
@@ -228,7 +252,8 @@ class CropDataModule(pl.LightningDataModule):
             except ValueError as e:
                 raise InputError(store.path, f"cannot split its patients: {e}") from e
 
-        images = load_images(store, self.res, self.window_width, self.window_level)
+        read = load_images if self.cache == "memory" else store_images
+        images = read(store, self.res, self.window_width, self.window_level)
         side = split.side_of(df["patient_id"].to_numpy())
         if (side == "").any():
             log.info("%d labelled crop(s) of patients in no side of the split", (side == "").sum())

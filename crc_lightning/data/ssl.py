@@ -8,9 +8,12 @@ unlabelled "OOD" pool. :class:`SSLDataModule` does that over any number of crop 
   part of the OOD pool (:func:`target_test_patients` computes them with the classifier's split code);
 * identical crops (same int16 HU content and shape) are kept once across all stores; the number
   dropped is reported (``n_duplicates``): LiTS and IRCADb share scans;
-* crops stay in **HU** (resized to ``res``, pre-loaded as one float32 tensor): the intensity
-  augmentation is a random CT *window* per sample, so windowing happens inside :class:`SSLAugment`,
-  after the geometric transforms, on the device.
+* crops stay in **HU** (resized to ``res``, float32): the intensity augmentation is a random CT
+  *window* per sample, so windowing happens inside :class:`SSLAugment`, after the geometric
+  transforms, on the device. ``cache=lazy`` (default) reads each crop from its case file when a
+  batch needs it (:class:`~crc_lightning.data.images.StoreImages`: memory flat in the pool size);
+  ``cache=memory`` pre-loads the pool as one tensor. Same values either way; the duplicate check
+  reads every crop once in both (streaming, nothing kept but a digest).
 
 :class:`SSLAugment` is batched (``kornia.augmentation`` + torch) with per-sample parameters: rotation
 (reflection padding: a rotated lesion crop's corners look like its surroundings, not like air or
@@ -42,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from crc_lightning.cropstore.format import store_hash
 from crc_lightning.cropstore.reader import CropStore
 from crc_lightning.data.augment import normalize
+from crc_lightning.data.images import StoreImages, check_cache_mode
 from crc_lightning.data.inputs import resize_square
 from crc_lightning.io.errors import InputError
 
@@ -140,9 +144,9 @@ def target_test_patients(
 # ------------------------------------------------------------------------------ the pool
 @dataclass
 class OODPool:
-    """The pre-loaded OOD crops: HU resized to ``res`` + who they are (labels dropped)."""
+    """The OOD crops: HU resized to ``res`` + who they are (labels dropped)."""
 
-    images: torch.Tensor  # [N, 1, res, res] float32 HU
+    images: torch.Tensor | StoreImages  # [N, 1, res, res] float32 HU (pre-loaded or read lazily)
     index: pd.DataFrame  # source, patient_id, lesion_uid, slice, crop_id (row i ↔ images[i])
     n_duplicates: int = 0
     n_excluded: int = 0
@@ -177,13 +181,16 @@ def load_ood_pool(
     exclude_patients: Iterable[str] = (),
     exclude_by_store: Mapping[str, Iterable[str]] | None = None,
     hints: Mapping[str, str] | None = None,
+    cache: str = "memory",
 ) -> OODPool:
-    """Read every store, drop excluded patients and duplicate crops, resize HU crops to ``res``."""
+    """Read every store, drop excluded patients and duplicate crops, resize HU crops to ``res``
+    (``cache=memory``: all now, into one tensor; ``lazy``: when indexed, :class:`StoreImages`)."""
+    lazy = check_cache_mode(cache) == "lazy"
     exclude_all = {str(p) for p in exclude_patients}
     by_store = {str(k): {str(p) for p in v} for k, v in (exclude_by_store or {}).items()}
     hints = dict(hints or {})
     seen: set[str] = set()
-    frames, tensors = [], []
+    frames, tensors, files, keys = [], [], [], []
     n_dup = n_excl = 0
     facts: dict[str, dict[str, Any]] = {}
     for name, path in stores.items():
@@ -209,8 +216,12 @@ def load_ood_pool(
                 continue
             seen.add(digest)
             keep_rows.append(row)
-            imgs.append(torch.from_numpy(resize_square(hu.astype(np.float32), int(res))))
+            if not lazy:
+                imgs.append(torch.from_numpy(resize_square(hu.astype(np.float32), int(res))))
         kept = df.iloc[keep_rows]
+        if lazy:
+            files += [str(path / f) for f in kept["case_file"].astype(str)]
+            keys += kept["key"].astype(str).tolist()
         frames.append(
             pd.DataFrame(
                 {
@@ -240,7 +251,8 @@ def load_ood_pool(
         n_dup,
         n_excl,
     )
-    return OODPool(torch.cat(tensors), index, n_dup, n_excl, facts)
+    images = StoreImages(files, keys, int(res), None) if lazy else torch.cat(tensors)
+    return OODPool(images, index, n_dup, n_excl, facts)
 
 
 # ------------------------------------------------------------------------------ augmentation
@@ -372,7 +384,9 @@ class SSLAugment(nn.Module):
 class _PairDataset(Dataset):
     """Crop ``i`` (HU) and, with ``neighbours``, a random neighbouring slice of its lesion."""
 
-    def __init__(self, images: torch.Tensor, neighbours: list[np.ndarray] | None) -> None:
+    def __init__(
+        self, images: torch.Tensor | StoreImages, neighbours: list[np.ndarray] | None
+    ) -> None:
         self.images = images
         self.neighbours = neighbours
 
@@ -392,7 +406,8 @@ class SSLDataModule(pl.LightningDataModule):
     """Unlabelled OOD crop stores → training batches of two augmented, normalised views.
 
     ``stores``: ``{name: folder}`` (:func:`resolve_ood_sources`); ``window`` / ``normalize``: the
-    ``input`` config node (the jitter's centre, the classifier's normalisation). After the device transfer a
+    ``input`` config node (the jitter's centre, the classifier's normalisation); ``cache``: ``lazy``
+    (read crops when batched) | ``memory`` (pre-load the pool). After the device transfer a
     training batch is ``{"view0", "view1": [B,1,res,res] normalised, "index": [B]}``.
     """
 
@@ -412,8 +427,10 @@ class SSLDataModule(pl.LightningDataModule):
         augment: Mapping[str, Any] | None = None,
         hints: Mapping[str, str] | None = None,
         pin_memory: bool = False,
+        cache: str = "lazy",
     ) -> None:
         super().__init__()
+        self.cache = check_cache_mode(cache)
         if positives not in POSITIVES:
             raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
         self.stores = {str(k): Path(v) for k, v in stores.items()}
@@ -433,8 +450,9 @@ class SSLDataModule(pl.LightningDataModule):
         if self.pool is not None:
             return
         pool = load_ood_pool(
-            self.stores, self.res, self.exclude_patients, self.exclude_by_store, self.hints
-        )
+            self.stores, self.res, self.exclude_patients, self.exclude_by_store, self.hints,
+            cache=self.cache,
+        )  # fmt: skip
         if len(pool) < self.batch_size:
             raise InputError(
                 None,

@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from crc_lightning.apps.preprocess import preprocess
 from crc_lightning.cropstore.reader import CropStore
 from crc_lightning.io import InputError, Volume, write_nifti
+from tests.apps.conftest import SHARD_COHORT
 from tests.helpers.config import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[2]
@@ -171,3 +172,53 @@ def test_synthetic_cohort(tmp_path, capsys):
     crop = st.load(st.index.crop_id.iloc[0])
     assert crop.dtype == np.int16 and crop.shape[0] == crop.shape[1]
     assert "crops" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- shards
+def sharded_preprocess(root: Path, store: Path, *launcher: str, env=None, timeout: int = 600):
+    """``preprocess -m shard=0/2,1/2 …`` as typed: two shard jobs, merged at the sweep's end."""
+    cmd = [sys.executable, "-m", "crc_lightning.preprocess", "-m", "shard=0/2,1/2", *SHARD_COHORT,
+           f"paths.root_dir={root}", f"data.store={store}", *launcher]  # fmt: skip
+    env = env or {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cwd = store.parent / f"cwd_{store.name}"
+    cwd.mkdir(parents=True)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert not list(cwd.iterdir()), "the sweep wrote into its working directory"
+    return proc
+
+
+def shard_jobs(root: Path) -> list[dict]:
+    """What each shard job of the (one) preprocess sweep under ``root`` says it did."""
+    import json
+
+    (sweep,) = (root / "outputs" / "preprocess" / "multiruns").iterdir()
+    return [json.loads(p.read_text()) for p in sorted(sweep.rglob("shard.json"))]
+
+
+def test_shards_through_joblib_merge_into_the_single_process_store(single_store, tmp_path):
+    from tests.cropstore.test_store import assert_same_store
+
+    root, single = single_store
+    sharded = tmp_path / "sharded"
+    proc = sharded_preprocess(root, sharded, "hydra/launcher=joblib")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [(j["shard"], j["shards"]) for j in shard_jobs(root)] == [(0, 2), (1, 2)]
+    assert f"crop store 'synthetic': {sharded}" in proc.stdout  # the merge, in the sweep process
+    assert_same_store(single, sharded)
+    assert CropStore(sharded).summary["shards"] == 2
+
+
+def test_shard_and_merge_arguments(tmp_path):
+    from crc_lightning.apps._hydra import UsageError
+    from crc_lightning.apps.preprocess import parse_shard
+
+    assert parse_shard("0/4") == (0, 4) and parse_shard(" 3/4 ") == (3, 4)
+    for bad in ("4/4", "-1/2", "1", "a/b", "1/0"):
+        with pytest.raises(UsageError, match="shard="):
+            parse_shard(bad)
+    cfg = _cfg(["data=manifest", f"paths.root_dir={tmp_path}", "merge=true"])
+    with pytest.raises(InputError, match=r"no shard parts to merge; run `python -m crc_lightning"):
+        preprocess(cfg)
+    cfg = _cfg(["data=manifest", f"paths.root_dir={tmp_path}", "merge=true", "shard=0/2"])
+    with pytest.raises(UsageError, match="two steps"):
+        preprocess(cfg)

@@ -270,6 +270,11 @@ def test_same_patient_twice_is_a_clear_error(cases, tmp_path):
 def test_missing_store_names_the_command(tmp_path):
     with pytest.raises(InputError, match=r"python -m crc_lightning\.preprocess"):
         CropStore(tmp_path / "nowhere")
+    # the store's identity of a missing store: the same one line, not a FileNotFoundError
+    from crc_lightning.cropstore.format import store_facts
+
+    with pytest.raises(InputError, match=r"nowhere: no crop store here; build it with"):
+        store_facts(tmp_path / "nowhere")
 
 
 def test_store_records_orientation_spacing_and_what_was_resampled(cases, tmp_path):
@@ -300,3 +305,98 @@ def test_store_records_orientation_spacing_and_what_was_resampled(cases, tmp_pat
     assert summary["source_orientations"] == {"LPS": 4}
     assert summary["lesions"] == 5  # the resampled mask still has its lesion
     assert store_facts(out)["spacing"] == {"min": [2.0, 0.6, 0.6], "max": [3.0, 0.8, 0.8]}
+
+
+# ----------------------------------------------------------------------------- shards
+def assert_same_store(a: Path, b: Path) -> None:
+    """Two stores are the same: index bytes (the store hash), index rows, every crop array,
+    the input hashes and the summary counts."""
+    from crc_lightning.cropstore.format import store_hash
+
+    assert store_hash(a) == store_hash(b)
+    sa, sb = CropStore(a), CropStore(b)
+    pd.testing.assert_frame_equal(sa.index, sb.index)
+    assert sorted(p.name for p in (a / "cases").iterdir()) == sorted(
+        p.name for p in (b / "cases").iterdir()
+    )
+    for cid in sa.index.crop_id:
+        np.testing.assert_array_equal(sa.load(cid), sb.load(cid))
+    assert sa.meta["inputs"] == sb.meta["inputs"] and sa.meta["params"] == sb.meta["params"]
+    drop = ("seconds", "computed", "reused", "removed_files", "shards")
+    assert {k: v for k, v in sa.summary.items() if k not in drop} == {
+        k: v for k, v in sb.summary.items() if k not in drop
+    }
+
+
+def _shard_cases(cases: list[_Case]) -> list[_Case]:
+    """The three cases plus a second scan of p2 (another case of the same patient)."""
+    extra = _Case("p2_followup", "p2x", cases[0].image, cases[0].masks, {None: {"KRAS": 1}})
+    return [*cases, extra]
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3, 5])
+def test_shards_merged_equal_the_single_process_store(cases, tmp_path, shards):
+    cases = _shard_cases(cases)
+    single = tmp_path / "single"
+    build_crop_store(cases, single, PARAMS, progress=False)
+    sharded = tmp_path / "sharded"
+    done = []
+    for i in reversed(range(shards)):  # any order: the merge restores the cohort's
+        s = store_mod.build_shard(cases, sharded, PARAMS, i, shards, progress=False)
+        done.append(s["cases"])
+        assert not (sharded / "index.parquet").exists()  # nothing is a store before the merge
+    assert sum(done) == len(cases) and max(done) - min(done) <= 1  # balanced by patient
+    assert len(store_mod.shard_parts(sharded)) == shards
+    summary = store_mod.merge_shards(sharded)
+    assert summary["shards"] == shards and summary["crops"] == CropStore(single).summary["crops"]
+    assert_same_store(single, sharded)
+    assert not (sharded / "shards").exists()  # parts removed once merged
+
+
+def test_shards_are_deterministic_and_by_patient():
+    ids = [f"P{i:03d}" for i in range(10)]
+    owner = store_mod.shard_of_patients(ids[::-1] + ids[:3], 3)  # order and repeats: no matter
+    assert owner == store_mod.shard_of_patients(ids, 3)
+    assert [owner[p] for p in ids] == [i % 3 for i in range(10)]  # sorted ids, dealt round-robin
+
+
+def test_merge_refuses_an_incomplete_or_mixed_set_of_parts(cases, tmp_path):
+    out = tmp_path / "s"
+    with pytest.raises(InputError, match="no shard parts to merge"):
+        store_mod.merge_shards(out)
+    store_mod.build_shard(cases, out, PARAMS, 0, 2, progress=False)
+    with pytest.raises(InputError, match=r"1 of 2 shard\(s\) not done \(shard=1/2\)"):
+        store_mod.merge_shards(out)
+    store_mod.build_shard(cases, out, PARAMS, 2, 3, progress=False)
+    with pytest.raises(InputError, match=r"different shard counts \[2, 3\]"):
+        store_mod.merge_shards(out)
+    for part in store_mod.shard_parts(out):
+        part.unlink()
+    # the cohort changed between shards: a part of another case list
+    store_mod.build_shard(cases, out, PARAMS, 0, 2, progress=False)
+    store_mod.build_shard(cases[:2], out, PARAMS, 1, 2, progress=False)
+    with pytest.raises(InputError, match="another cohort"):
+        store_mod.merge_shards(out)
+    assert not (out / "index.parquet").exists()
+
+
+def test_failed_shard_writes_no_part_and_removes_its_case_files(cases, tmp_path):
+    out = tmp_path / "s"
+    owner = store_mod.shard_of_patients([c.patient_id for c in cases], 2)
+    assert owner == {"p1": 0, "p2": 1, "p3": 0}
+    store_mod.build_shard(cases, out, PARAMS, 0, 2, progress=False)
+    before = _files(out)
+    good = cases[1].image
+    cases[1].image = tmp_path / "raw" / "missing_ct.nii.gz"  # p2: shard 1
+    with pytest.raises(PreprocessError, match="missing_ct"):
+        store_mod.build_shard(cases, out, PARAMS, 1, 2, progress=False)
+    assert _files(out) == before  # shard 0's files untouched, nothing of shard 1 left
+    # a shard that once succeeded and then fails leaves no stale part for a merge to pick up
+    cases[1].image = good
+    store_mod.build_shard(cases, out, PARAMS, 1, 2, progress=False)
+    cases[1].image = tmp_path / "raw" / "missing_ct.nii.gz"
+    with pytest.raises(PreprocessError):
+        store_mod.build_shard(cases, out, PARAMS, 1, 2, progress=False)
+    assert [p.name for p in store_mod.shard_parts(out)] == ["part-0000-of-0002.json"]
+    with pytest.raises(InputError, match=r"shard=1/2"):
+        store_mod.merge_shards(out)

@@ -118,9 +118,10 @@ def test_batch_format(store):
         assert {"crop_id", "patient_id", "lesion", "slice"} <= set(getattr(dm, name).columns)
 
 
-def test_windowing_targets_and_index_match_the_store(store):
+@pytest.mark.parametrize("cache", ["lazy", "memory"])
+def test_windowing_targets_and_index_match_the_store(store, cache):
     folder, crops, genes_of = store
-    dm = _dm(folder)
+    dm = _dm(folder, cache=cache)
     n_checked = 0
     for loader, frame in (
         (dm.test_dataloader(), dm.test_index),
@@ -285,7 +286,50 @@ def test_unlabelled_store_and_missing_store_are_clear_errors(tmp_path):
 
 def test_preloaded_images_are_cached_per_store_res_and_window(store):
     dm_mod.clear_cache()
-    a, b = _dm(store[0]), _dm(store[0], seed=9)
+    a, b = _dm(store[0], cache="memory"), _dm(store[0], seed=9, cache="memory")
     assert a._datasets["train"].images is b._datasets["train"].images
-    c = _dm(store[0], window={"width": 1000.0, "level": L})
+    c = _dm(store[0], window={"width": 1000.0, "level": L}, cache="memory")
     assert c._datasets["train"].images is not a._datasets["train"].images
+
+
+def test_lazy_images_equal_the_preloaded_ones_bit_for_bit(store):
+    from crc_lightning.cropstore.reader import CropStore
+    from crc_lightning.data.images import StoreImages
+
+    st = CropStore(store[0])
+    for res, window in ((RES, (W, L)), (24, (1000.0, 100.0)), (9, (W, L))):
+        memory = dm_mod.load_images(st, res, *window)
+        lazy = dm_mod.store_images(st, res, *window)
+        assert isinstance(lazy, StoreImages) and lazy.shape == tuple(memory.shape)
+        for i in range(len(st)):
+            assert torch.equal(lazy[i], memory[i]), (res, i)
+    assert len(lazy.reader._open) <= lazy.reader.max_open
+
+
+def test_lazy_loaders_give_the_memory_batches_also_from_worker_processes(store):
+    """The same seed → the same training batches from ``cache=lazy`` read in 2 DataLoader worker
+    processes as from the pre-loaded tensor in this process; the lazy module holds no crop."""
+    from crc_lightning.data.images import StoreImages
+
+    memory = _dm(store[0], cache="memory")
+    lazy = _dm(store[0], cache="lazy", num_workers=2)
+    assert isinstance(lazy._datasets["train"].images, StoreImages)
+    assert not any(isinstance(v, torch.Tensor) and v.ndim == 4 for v in vars(lazy).values())
+    for stage in ("train_dataloader", "val_dataloader"):
+        for _ in range(2):  # two epochs: persistent workers, the shuffle advances the same way
+            a, b = list(getattr(memory, stage)()), list(getattr(lazy, stage)())
+            assert len(a) == len(b) > 0
+            for x, y in zip(a, b):
+                assert torch.equal(x["image"], y["image"]) and torch.equal(x["index"], y["index"])
+
+
+def test_lazy_store_with_a_missing_case_file_fails_at_setup(tmp_path):
+    folder, _, _ = write_fake_store(tmp_path / "s")
+    victim = sorted((folder / "cases").iterdir())[3]
+    victim.unlink()
+    with pytest.raises(
+        InputError, match=rf"{victim.name}: case file listed in the index is missing"
+    ):
+        _dm(folder, cache="lazy")
+    with pytest.raises(ValueError, match="cache must be one of"):
+        _dm(folder, cache="disk")

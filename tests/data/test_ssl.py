@@ -239,3 +239,30 @@ def test_batch_larger_than_pool_is_refused(tmp_path):
     store = write_fake_store(tmp_path / "s", n_patients=2, seed=1)
     with pytest.raises(ValueError, match="fewer than batch_size"):
         SSLDataModule({"s": store}, RES, WINDOW, NORM, batch_size=512).setup("fit")
+
+
+def test_lazy_pool_equals_the_preloaded_pool(tmp_path):
+    """``cache=lazy``: the same crops, duplicates, exclusions and HU tensors as the pre-loaded
+    pool, and the datamodule gives the same batches (second views of neighbour slices included)."""
+    from crc_lightning.data.images import StoreImages
+
+    a = write_fake_store(tmp_path / "a", n_patients=6, seed=0, source="a")
+    b = write_fake_store(tmp_path / "b", n_patients=3, seed=0, source="b")  # duplicates of a
+    stores = {"a": a, "b": b}
+    memory = load_ood_pool(stores, RES, exclude_patients=["P002"], cache="memory")
+    lazy = load_ood_pool(stores, RES, exclude_patients=["P002"], cache="lazy")
+    assert isinstance(lazy.images, StoreImages) and isinstance(memory.images, torch.Tensor)
+    assert (lazy.n_duplicates, lazy.n_excluded) == (memory.n_duplicates, memory.n_excluded) > (0, 0)
+    assert lazy.index.equals(memory.index) and lazy.images.shape == tuple(memory.images.shape)
+    for i in range(len(memory)):
+        assert torch.equal(lazy.images[i], memory.images[i])
+    batches = {}
+    for cache in ("memory", "lazy"):
+        dm = SSLDataModule(stores, RES, WINDOW, NORM, batch_size=4, positives="slices",
+                           cache=cache)  # fmt: skip
+        dm.setup("fit")
+        torch.manual_seed(0)
+        batches[cache] = list(dm.train_dataloader())
+    assert len(batches["lazy"]) == len(batches["memory"]) > 0
+    for x, y in zip(batches["memory"], batches["lazy"]):
+        assert all(torch.equal(x[k], y[k]) for k in ("hu", "hu2", "index"))
