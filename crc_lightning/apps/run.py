@@ -31,6 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 from crc_lightning import __version__
 from crc_lightning.apps._hydra import (
     CONF_DIR,
+    UsageError,
+    config_int,
     get_metric_value,
     instantiate,
     instantiate_callbacks,
@@ -42,14 +44,43 @@ from crc_lightning.apps._hydra import (
     task_wrapper,
     track_loggers,
 )
+from crc_lightning.apps.preprocess import ensure_store, preprocess_command, synthetic_spec
+from crc_lightning.apps.progress import progress_callbacks
 from crc_lightning.cropstore.format import store_facts
 from crc_lightning.io.files import sha256_file, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["format_metrics", "job_summary_line", "main", "predictions_frame", "run"]
+__all__ = ["format_metrics", "job_summary_line", "main", "predictions_frame", "run", "validate"]
 
 PRED_ID_COLUMNS = ["patient_id", "lesion", "crop_id", "slice"]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks of a run config before any work or folder (Hydra callback ``ValidateConfig``, and
+    :func:`run` itself): numbers, the label set, the crop store (buildable when synthetic), the
+    backbone's weights file (SimCLR: names the pretrain command)."""
+    from crc_lightning.data.labels import LabelSet
+    from crc_lightning.models.backbone import resolve_imagenet_file
+    from crc_lightning.models.classifier import require_simclr_file, simclr_file
+
+    res = config_int(cfg, "res", minimum=1, example=64)
+    config_int(cfg, "seed", example=0)
+    config_int(cfg, "datamodule.batch_size", minimum=1, example=16)
+    LabelSet.from_config(cfg.labels)
+    ensure_store(
+        cfg.data.store, synthetic_spec(cfg.data), preprocess_command(cfg.data), build=False
+    )
+    bb, attention = cfg.model.backbone, bool(cfg.model.attention)
+    init = str(bb.weights)
+    if init == "simclr":
+        require_simclr_file(
+            simclr_file(bb.weights_file, bb.weights_dir, res, attention), res, attention
+        )
+    elif init == "imagenet":
+        resolve_imagenet_file(str(bb.name), bb.weights_file or bb.get("imagenet_file"))
+    elif init != "none":
+        raise UsageError(f"`model.backbone.weights={init}`: choose imagenet, simclr or none")
 
 
 def changed_inputs(stored: Mapping[str, Any], cfg: DictConfig) -> str | None:
@@ -159,6 +190,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from crc_lightning.evaluation.aggregate import evaluate_levels
     from crc_lightning.tracking import log_final_metrics
 
+    validate(cfg)
+    ensure_store(cfg.data.store, synthetic_spec(cfg.data), preprocess_command(cfg.data))
     torch.set_flush_denormal(True)
     started = time.monotonic()
     multirun = is_multirun()  # sweeps: no progress bars, one summary line per finished job
@@ -196,8 +229,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     track_loggers(loggers)
-    progress = {"enable_progress_bar": False} if multirun else {}
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **progress)
+    bar = bool(cfg.trainer.get("enable_progress_bar", True)) and not multirun
+    shown, bar = progress_callbacks(bar, f"[{job_label()}]" if multirun else "")
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=[*callbacks, *shown],
+        logger=loggers or False,
+        enable_progress_bar=bar,
+    )
     for lg in loggers:
         lg.log_hyperparams(_public_hparams(cfg))
 

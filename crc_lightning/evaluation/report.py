@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from crc_lightning.evaluation.aggregate import LEVELS, lesion_level, patient_level
+from crc_lightning.evaluation.html import write_report_html
 from crc_lightning.evaluation.stats import (
     baselines,
     clears,
@@ -498,6 +499,7 @@ def report_from_jobs(
     for title, path in figs:
         md.append(f"### {title}\n\n![{title}]({path.name})\n")
     report = write_atomic(out / "report.md", "\n".join(md))
+    write_report_html(report)  # report.html beside it, rendered from report.md
     return report
 
 
