@@ -92,7 +92,7 @@ def preprocess_command(data: Mapping[str, Any], with_store: bool = True) -> str:
     key = _PATH_KEYS.get(kind)
     if key:
         value = data.get(key)
-        placeholder = "/path/to/labels.csv" if kind == "manifest" else f"/path/to/{kind}"
+        placeholder = "/path/labels.csv" if kind == "manifest" else f"/path/to/{kind}"
         words.append(f"data.{key}={value if value not in (None, '', '???') else placeholder}")
     if with_store:
         words.append(f"data.store={Path(str(data.get('store'))).absolute()}")
@@ -180,7 +180,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, f"data.{key}", default=None)
         if value in (None, "", "???"):
             example = preprocess_command(cfg.data, with_store=False)
-            raise UsageError(f"`data.{key}=` is required, e.g. `{example}`")
+            raise InputError(None, f"`data.{key}` is required, e.g. `{example}`")
         exists = Path(str(value)).is_file() if key == "manifest" else Path(str(value)).is_dir()
         if not exists:
             what = "file" if key == "manifest" else "folder"

@@ -23,6 +23,7 @@ import logging
 import mimetypes
 import re
 from pathlib import Path
+from urllib.parse import unquote
 
 from crc_lightning.io.errors import InputError
 from crc_lightning.io.files import write_atomic
@@ -114,7 +115,7 @@ def render_markdown(text: str, base_dir: str | Path, title: str | None = None) -
             src = str(child.attrGet("src") or "")
             if not _is_local(src):
                 continue
-            path = (base / src).resolve()
+            path = (base / unquote(src)).resolve()  # markdown-it percent-encodes the link
             if not path.is_file():
                 raise InputError(path, "figure referenced by the markdown is missing")
             child.attrSet("src", _data_uri(path))

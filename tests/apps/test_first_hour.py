@@ -171,7 +171,7 @@ BAD = [
     ("pretrain", ["epochs=ten"], "`epochs=ten`: epochs must be a positive integer"),
     ("pretrain", ["checkpoint_every_n_epochs=0"], "checkpoint_every_n_epochs must be a positive"),
     ("pretrain", ["ood=lits"], "build it with `python -m crc_lightning.preprocess data=lits"),
-    ("preprocess", ["data=manifest"], "`data.manifest=` is required"),
+    ("preprocess", ["data=manifest"], "`data.manifest` is required, e.g. `python -m"),
     ("preprocess", ["n_jobs=many"], "`n_jobs=many`: n_jobs must be an integer"),
     ("preprocess", ["preprocess.connectivity=5"], "connectivity must be 6, 18 or 26"),
     ("report", [], "`sweep=` is required"),
