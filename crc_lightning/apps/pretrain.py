@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -481,7 +482,10 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     for lg in loggers:
         lg.log_hyperparams(public)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+        with warnings.catch_warnings():
+            # the folder was checked above (check_checkpoint_dir): its files are this run's own
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* is not empty")
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
     except BaseException:
         if trainer.is_global_zero:
             _settle_replaced(aside, ckpt_dir, succeeded=False)

@@ -323,3 +323,30 @@ def test_checkpoint_every_epoch(pool) -> None:
         "epoch0000.ckpt", "epoch0001.ckpt", "last.ckpt"
     ]  # fmt: skip
     assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["epoch"] == 1
+
+
+def test_sweep_jobs_are_enumerated_as_the_basic_sweeper_launches_them(tmp_path) -> None:
+    """The validator sees every job of a ``hydra.sweeper.params`` grid (12 = 3 lr × 2 wd × 2 batch),
+    each with its own values, and the sweep's other settings."""
+    from hydra import compose, initialize_config_dir
+
+    from crc_lightning.apps._hydra import CONF_DIR, sweep_job_configs
+
+    overrides = [
+        f"paths.root_dir={tmp_path}",
+        "experiment=grid_search",
+        "variant=oodp_sa",
+        "res=32",
+    ]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("run", overrides=overrides, return_hydra_config=True)
+        jobs = sweep_job_configs(cfg, "run")
+    got = sorted(
+        (float(c.model.optimizer.lr), float(c.model.optimizer.weight_decay),
+         int(c.datamodule.batch_size)) for _, c in jobs
+    )  # fmt: skip
+    want = sorted(
+        (lr, wd, bs) for lr in (1e-2, 1e-3, 1e-4) for wd in (5e-4, 5e-5) for bs in (16, 32)
+    )
+    assert got == want
+    assert {(c.variant.name, c.res) for _, c in jobs} == {("oodp_sa", 32)}
