@@ -23,18 +23,22 @@ Also here: the ``${crc_dirname:…}`` resolver that bounds job folder names
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import hashlib
 import logging
 import os
 import re
 import sys
+import traceback
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from crc_lightning.io.errors import InputError
 
@@ -84,6 +88,10 @@ class AbortRun(SystemExit):
 # ------------------------------------------------------------------------------ argv
 # key=a..b (optionally +key / ++key / ~key); a, b integers (negative allowed)
 _RANGE = re.compile(r"^(?P<key>(?:\+\+|\+|~)?[A-Za-z_][\w./@-]*)=(?P<a>-?\d+)\.\.(?P<b>-?\d+)$")
+# what a mistyped range looks like (seed=0..x, seed=1..): plain words around "..", no path
+_RANGE_LIKE = re.compile(
+    r"^(?P<key>(?:\+\+|\+|~)?[A-Za-z_][\w./@-]*)=(?P<value>[\w+-]+\.\.[\w+-]*|[\w+-]*\.\.[\w+-]+)$"
+)
 _MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
@@ -101,6 +109,12 @@ def expand_ranges(argv: Sequence[str]) -> list[str]:
     for arg in argv:
         m = _RANGE.match(arg)
         if m is None:
+            bad = _RANGE_LIKE.match(arg)
+            if bad is not None:
+                raise UsageError(
+                    f"`{arg}`: a range a..b needs two integers, e.g. `{bad['key']}=0..4` "
+                    "(with -m: one job per value)"
+                )
             out.append(arg)
             continue
         key, a, b = m["key"], int(m["a"]), int(m["b"])
@@ -143,7 +157,35 @@ def error_message(err: BaseException) -> str:
     while isinstance(err, InstantiationException) and err.__cause__ is not None:
         err = err.__cause__
     text = str(err).strip() or type(err).__name__
-    return text
+    return _one_line(text)
+
+
+_DETAIL_LINES = ("full_key", "object_type", "reference_type")
+
+
+def _one_line(text: str) -> str:
+    """Hydra's and OmegaConf's multi-line messages as one line: the message, then its facts
+    ("Available options in 'labels': five, three"); the config search path is left out."""
+    parts: list[str] = []
+    options: list[str] | None = None
+    for line in (ln.strip() for ln in text.splitlines()):
+        if not line or line.startswith(_DETAIL_LINES):
+            continue
+        if line.startswith("Config search path"):
+            break
+        if options is not None:
+            options.append(line)
+        elif line.startswith("Available options"):
+            options = []
+            if parts and not parts[-1].endswith((".", ":", ";")):
+                parts[-1] += "."
+            parts.append(line.rstrip(":") + ":")
+        else:
+            parts.append(line)
+    return " ".join([*parts, ", ".join(options or [])]).strip() or text.strip()
+
+
+_FULL_ERROR = False  # the user's HYDRA_FULL_ERROR=1 (run_app sets the variable for Hydra itself)
 
 
 def run_app(
@@ -152,8 +194,9 @@ def run_app(
     argv_hook: Callable[[list[str]], list[str]] | None = None,
 ) -> None:
     """Start an app: argv rewriting, logging set-up, then Hydra; expected errors → one line, exit 2."""
+    global _FULL_ERROR
     quiet_library_noise()
-    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    full_error = _FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
         argv = list(sys.argv[1:])
         if argv_hook is not None:
@@ -182,6 +225,154 @@ def _fail(app: str, err: BaseException | str | None) -> None:
     text = error_message(err) if isinstance(err, BaseException) else str(err)
     print(f"{app}: {text}", file=sys.stderr, flush=True)
     raise SystemExit(2)
+
+
+# ------------------------------------------------------------------------------ validation
+def config_int(cfg: DictConfig, key: str, minimum: int | None = None, example: int = 1) -> int:
+    """The integer at dotted ``key`` of ``cfg``; a :class:`UsageError` naming the key otherwise.
+
+    Why: ``res=abc`` or ``res=0`` used to fail deep inside kornia or torch, after the job folder
+    was made; the apps check their numbers before any work (:class:`ValidateConfig`).
+    """
+    value = OmegaConf.select(cfg, key, throw_on_missing=True)
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if ok and (minimum is None or value >= minimum):
+        return int(value)
+    what = {None: "an integer", 0: "an integer ≥ 0", 1: "a positive integer"}.get(
+        minimum, f"an integer ≥ {minimum}"
+    )
+    raise UsageError(f"`{key}={value}`: {key} must be {what}, e.g. `{key}={example}`")
+
+
+@contextlib.contextmanager
+def _as_hydra_config(config: DictConfig) -> Iterator[None]:
+    """``${hydra:…}`` interpolations of ``config`` resolve inside (Hydra sets this up only once
+    the job's folder exists); the previous Hydra config is restored after."""
+    from hydra.core.hydra_config import HydraConfig
+
+    instance = HydraConfig.instance()
+    previous = instance.cfg
+    if OmegaConf.select(config, "hydra", default=None) is None:
+        yield
+        return
+    instance.set_config(config)
+    try:
+        yield
+    finally:
+        instance.cfg = previous
+
+
+def sweep_job_configs(
+    config: DictConfig, config_name: str | None
+) -> list[tuple[list[str], DictConfig]]:
+    """``(swept overrides, composed config)`` of every job a ``-m`` sweep will launch.
+
+    The basic sweeper's jobs (``a,b``, ``range(…)``, ``hydra.sweeper.params``) are enumerated as it
+    enumerates them; a job's config is the sweep's config with its swept values set, composed
+    again only for each distinct choice of swept config groups (``variant=a,b``: one composition
+    per variant, not per job). Other sweepers (Optuna) draw their values while running: the
+    sweep's own config is returned, the only one known before launch.
+    """
+    from hydra import compose
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
+    if not sweeper.endswith("BasicSweeper"):
+        return [([], config)]
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    lines = [f"{k}={v}" for k, v in params.items()]
+    lines += [str(o) for o in OmegaConf.select(config, "hydra.overrides.task", default=[]) or []]
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(lines)
+    swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    if not swept:
+        return [([], config)]
+    groups = set(OmegaConf.select(config, "hydra.runtime.choices", default={}) or {})
+    hydra_overrides = [str(o) for o in config.hydra.overrides.hydra]
+    composed: dict[tuple[str, ...], DictConfig] = {}
+    jobs = []
+    for batch in BasicSweeper.split_arguments(parsed, None):
+        for job in batch:
+            mine = [
+                (line, o)
+                for line, o in zip(job, parser.parse_overrides(job))
+                if o.get_key_element() in swept
+            ]
+            swept_groups = tuple(
+                line for line, o in mine if o.get_key_element() in groups or o.is_delete()
+            )
+            if swept_groups not in composed:
+                composed[swept_groups] = (
+                    compose(
+                        config_name, overrides=[*job, *hydra_overrides], return_hydra_config=True
+                    )
+                    if swept_groups
+                    else config
+                )
+            cfg = copy.deepcopy(composed[swept_groups])
+            with open_dict(cfg):
+                for line, o in mine:
+                    if line not in swept_groups:
+                        OmegaConf.update(cfg, o.key_or_group, o.value(), merge=False)
+            jobs.append(([line for line, _ in mine], cfg))
+    return jobs
+
+
+class ValidateConfig(HydraCallback):
+    """Check every job's config with the app's ``validator`` before Hydra makes any folder.
+
+    Listed in each app's YAML (``hydra.callbacks.validate``). In a single run the composed config
+    is checked in ``on_run_start``; in a ``-m`` sweep every job's config
+    (:func:`sweep_job_configs`) in ``on_multirun_start`` — before the sweep folder exists, so a
+    sweep with one bad value (``res=32,abc``) leaves nothing behind. An expected error becomes an
+    :class:`AbortRun` (Hydra turns a callback's exceptions into warnings): ``<app>: <message>``,
+    exit 2. The validators only read the config and the file system; they make nothing.
+    """
+
+    def __init__(self, validator: str) -> None:
+        self.validator = validator
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check([([], config)])
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            jobs = sweep_job_configs(config, kwargs.get("config_name"))
+        except Exception as err:
+            if not is_expected_error(err):
+                raise
+            raise AbortRun(error_message(err)) from None
+        self._check(jobs)
+
+    def _check(self, jobs: Sequence[tuple[list[str], DictConfig]]) -> None:
+        from hydra.utils import get_method
+
+        validate = get_method(self.validator)
+        failures: dict[str, list[str]] = {}
+        for swept, cfg in jobs:
+            try:
+                with _as_hydra_config(cfg):
+                    validate(cfg)
+            except Exception as err:
+                if not is_expected_error(err):
+                    raise
+                if _FULL_ERROR:  # asked for: the traceback behind the one line
+                    traceback.print_exception(err)
+                failures.setdefault(error_message(err), []).append(" ".join(swept))
+        if not failures:
+            return
+        message, where = next(iter(failures.items()))
+        if len(jobs) > 1:  # a sweep: say which jobs, unless it is all of them
+            notes = []
+            if len(where) < len(jobs):
+                shown = ", ".join(f"`{w}`" for w in where[:3]) + (", …" if len(where) > 3 else "")
+                notes.append(f"job{'s' if len(where) > 1 else ''} {shown}")
+            others = sum(len(v) for v in failures.values()) - len(where)
+            if others:
+                notes.append(f"{others} other job(s) fail for another reason")
+            message += (f" ({'; '.join(notes)})" if notes else "") + " — nothing was launched"
+        raise AbortRun(message)
 
 
 # ------------------------------------------------------------------------------ logging
@@ -223,6 +414,47 @@ def quiet_library_noise() -> None:
 
 
 quiet_library_noise()  # also in joblib / submitit workers, which import this module
+
+
+# (message regex, what it means): warnings that repeat every validation step; one line per run
+_REPEATED_WARNINGS = (
+    (
+        r"No positive samples in targets",
+        "a class had no positive sample in a validation or test set (its AUC is undefined there)",
+    ),
+    (
+        r"No negative samples in targets",
+        "a class had no negative sample in a validation or test set (its AUC is undefined there)",
+    ),
+)
+
+
+@contextlib.contextmanager
+def collapse_repeated_warnings() -> Iterator[dict[str, int]]:
+    """Count the :data:`_REPEATED_WARNINGS` (torchmetrics warns on every epoch whose targets
+    lack a class) instead of showing each, then log one line per kind; other warnings pass."""
+    counts: dict[str, int] = {}
+    with warnings.catch_warnings():
+        original = warnings.showwarning
+        for pattern, _ in _REPEATED_WARNINGS:
+            warnings.filterwarnings("always", message=pattern)  # count every one, not once
+
+        def show(message: Any, category: Any, filename: str, lineno: int, *args: Any) -> None:
+            text = str(message)
+            for pattern, _ in _REPEATED_WARNINGS:
+                if re.match(pattern, text):
+                    counts[pattern] = counts.get(pattern, 0) + 1
+                    return
+            original(message, category, filename, lineno, *args)
+
+        warnings.showwarning = show
+        try:
+            yield counts
+        finally:
+            warnings.showwarning = original
+            for pattern, meaning in _REPEATED_WARNINGS:
+                if counts.get(pattern):
+                    log.warning("%s (warned %d× by torchmetrics)", meaning, counts[pattern])
 
 
 def route_lightning_logs() -> None:
@@ -290,13 +522,37 @@ def gpus_per_job(accelerator: Any, devices: Any) -> int | None:
     return n if n > 0 else None
 
 
+CWD_RESOLVER = "crc_cwd"
+
+
+def launch_cwd() -> str:
+    """The folder the app was started from: Hydra's ``runtime.cwd`` inside a job, else the current
+    folder (the main process of a ``-m`` sweep, where Hydra has no job config yet).
+
+    Why not ``${hydra:runtime.cwd}`` in ``paths.root_dir``: the basic sweeper resolves
+    ``hydra.sweep.dir`` (→ ``paths.log_dir`` → ``paths.root_dir``) before any job exists, so every
+    ``-m`` sweep without an explicit ``paths.root_dir`` stopped with "HydraConfig was not set".
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        cwd = OmegaConf.select(HydraConfig.get(), "runtime.cwd", default=None)
+        if cwd:
+            return str(cwd)
+    return os.getcwd()
+
+
 def register_resolvers() -> None:
-    """``${crc_dirname:…}`` (:func:`short_dirname`) for ``hydra.sweep.subdir`` and
-    ``${crc_gpus:accelerator,devices}`` (:func:`gpus_per_job`) for the SLURM launcher."""
-    if not OmegaConf.has_resolver(DIRNAME_RESOLVER):
-        OmegaConf.register_new_resolver(DIRNAME_RESOLVER, short_dirname)
-    if not OmegaConf.has_resolver(GPUS_RESOLVER):
-        OmegaConf.register_new_resolver(GPUS_RESOLVER, gpus_per_job)
+    """``${crc_dirname:…}`` (:func:`short_dirname`) for ``hydra.sweep.subdir``, ``${crc_cwd:}``
+    (:func:`launch_cwd`) for ``paths.root_dir`` and ``${crc_gpus:accelerator,devices}``
+    (:func:`gpus_per_job`) for the SLURM launcher."""
+    for name, fn in (
+        (DIRNAME_RESOLVER, short_dirname),
+        (CWD_RESOLVER, launch_cwd),
+        (GPUS_RESOLVER, gpus_per_job),
+    ):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 register_resolvers()
@@ -354,7 +610,8 @@ def task_wrapper(func: F) -> F:
         _OPEN_LOGGERS.append([])
         failed = True
         try:
-            result = func(*args, **kwargs)
+            with collapse_repeated_warnings():
+                result = func(*args, **kwargs)
             failed = False
             return result
         except Exception as err:

@@ -112,12 +112,15 @@ class SweepReportCallback(HydraCallback):
     """At the end of a ``-m`` sweep, write the report of its jobs into ``<sweep dir>/report``
     (and its tables to W&B when the jobs logged there).
 
-    ``window``: the CT window (``input.window``) of the sample-crops figure. Does nothing when no
-    job finished; a report failure is logged, never raised (the jobs' own results are on disk).
+    ``window``: the CT window (``input.window``) and ``store``: the crop store (``data.store``)
+    of the sample-crops figure (Fig 2, a gallery per class), drawn when the store is there. Does
+    nothing when no job finished; a report failure is logged, never raised (the jobs' own
+    results are on disk).
     """
 
-    def __init__(self, window: Mapping[str, float] | None = None) -> None:
+    def __init__(self, window: Mapping[str, float] | None = None, store: str | None = None) -> None:
         self.window = dict(window) if window else None
+        self.store = store
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from crc_lightning.evaluation.report import report_from_jobs
@@ -127,10 +130,13 @@ class SweepReportCallback(HydraCallback):
         if not jobs:
             return
         try:
+            from crc_lightning.cropstore.format import is_store
+
             window = (self.window["width"], self.window["level"]) if self.window else None
-            report = report_from_jobs(jobs, sweep_dir / "report", window=window)
+            store = self.store if self.store and is_store(self.store) else None
+            report = report_from_jobs(jobs, sweep_dir / "report", window=window, store=store)
             log_report(jobs, report.parent)
-            log.info("sweep report: %s", report)
+            log.info("sweep report: %s (open %s)", report, report.with_suffix(".html"))
         except Exception:
             log.exception("sweep report failed (job results are in %s)", sweep_dir)
 

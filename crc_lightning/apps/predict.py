@@ -22,6 +22,7 @@ at a time):
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -112,6 +113,68 @@ def _require(cfg: DictConfig, key: str, hint: str) -> Path:
     return Path(str(value)).expanduser()
 
 
+def validate(cfg: DictConfig) -> None:
+    """Checks of a predict config before any work or folder (Hydra callback ``ValidateConfig``):
+    the checkpoint and the inputs exist, the numbers are numbers. The checkpoint's own checks
+    (weights-only loading, its model card against the expectations) come when it is loaded."""
+    from crc_lightning.apps._hydra import config_int
+    from crc_lightning.io.errors import InputError
+
+    ckpt = _require(cfg, "checkpoint", "a .ckpt from `python -m crc_lightning.run` or an export")
+    if not ckpt.is_file():
+        raise InputError(ckpt, "no such checkpoint file (checkpoint=)")
+    config_int(cfg, "batch_size", minimum=1, example=64)
+    if cfg.get("res") is not None:
+        config_int(cfg, "res", minimum=1, example=64)
+    if bool(cfg.get("info", False)):
+        return
+    if cfg.get("manifest"):
+        if cfg.get("image") or cfg.get("mask"):
+            raise ValueError("give either `manifest=` or `image=` + `mask=`, not both")
+        paths = {"manifest": Path(str(cfg.manifest)).expanduser()}
+    else:
+        paths = {
+            "image": _require(
+                cfg, "image", "the CT (NIfTI file or DICOM series folder), or manifest="
+            ),
+            "mask": _require(
+                cfg, "mask", "the lesion mask (NIfTI, DICOM SEG file or DICOM series folder)"
+            ),
+        }
+    for key, path in paths.items():
+        if not path.exists():
+            raise InputError(path, f"no such file or folder ({key}=)")
+    device = str(cfg.get("device", "auto"))
+    if device != "auto":
+        try:
+            torch.device(device)
+        except RuntimeError as err:
+            raise ValueError(f"`device={device}`: {err}") from None
+
+
+def _patient_page(
+    pages_dir: Path,
+    lesions: pd.DataFrame,
+    classes: list[str],
+    card: dict[str, Any],
+    saliency_dir: Path | None,
+) -> Path:
+    """``patients/<patient>.html``: the patient's lesion table and saliency overlays, one
+    self-contained page (images embedded), rendered like the report."""
+    from crc_lightning.evaluation.html import write_html
+    from crc_lightning.inference.summary import patient_markdown, patient_page_name, saliency_name
+
+    pid = str(lesions["patient_id"].iat[0]) if len(lesions) else "patient"
+    images = {}
+    if saliency_dir is not None:
+        for lesion in lesions["lesion"]:
+            path = saliency_dir / saliency_name(pid, int(lesion))
+            if path.is_file():
+                images[int(lesion)] = os.path.relpath(path, pages_dir)
+    page = pages_dir / patient_page_name(pid)
+    return write_html(patient_markdown(lesions, classes, card, images), page, base_dir=page.parent)
+
+
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Run the predict app on a composed config; returns a summary (no patient ids).
 
@@ -157,6 +220,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     pngs_before = (
         set(saliency_dir.glob("*.png")) if saliency_dir and saliency_dir.is_dir() else set()
     )
+    pages_dir = out_dir / "patients" if bool(cfg.get("html", True)) else None
+    pages: list[Path] = []
     with (
         CsvAppender(out_dir / "predictions.csv", [*LESION_ID_COLUMNS, *pcols]) as lesion_out,
         CsvAppender(out_dir / "predictions_slices.csv", [*SLICE_ID_COLUMNS, *pcols]) as slice_out,
@@ -181,11 +246,15 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
                 n_slices += len(slices)
                 if bool(cfg.get("print_table", True)):
                     console.print(_patient_table(lesions, classes))
+                if pages_dir is not None:
+                    pages.append(_patient_page(pages_dir, lesions, classes, card, saliency_dir))
                 log.info("patient %d/%d done", i, len(patients))
         except BaseException:
             if saliency_dir is not None and saliency_dir.is_dir():
                 for png in set(saliency_dir.glob("*.png")) - pngs_before:
                     png.unlink(missing_ok=True)
+            for page in pages:
+                page.unlink(missing_ok=True)
             raise
     summary = {
         "checkpoint": card,
@@ -198,6 +267,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             "lesions": "predictions.csv",
             "slices": "predictions_slices.csv",
             "saliency": "saliency/" if saliency_dir is not None else None,
+            "patients": "patients/" if pages_dir is not None else None,
         },
     }
     write_json(out_dir / "predict.json", summary)

@@ -19,6 +19,8 @@ single-process build's. A ``-m`` sweep over the shards merges by itself at its e
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,8 @@ import hydra
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
-from crc_lightning.apps._hydra import CONF_DIR, AbortRun, UsageError, plain, run_app
-from crc_lightning.cropstore.format import INDEX_FILE
+from crc_lightning.apps._hydra import CONF_DIR, AbortRun, UsageError, config_int, plain, run_app
+from crc_lightning.cropstore.format import INDEX_FILE, is_store
 from crc_lightning.data.labels import LabelSet
 from crc_lightning.io.errors import InputError
 from crc_lightning.io.files import write_json
@@ -38,10 +40,14 @@ __all__ = [
     "SHARD_FILE",
     "MergeShardsCallback",
     "class_counts",
+    "ensure_store",
     "format_summary",
     "main",
     "parse_shard",
     "preprocess",
+    "preprocess_command",
+    "synthetic_spec",
+    "validate",
 ]
 
 SHARD_FILE = "shard.json"  # in a shard job's output folder: which store it wrote a part of
@@ -92,6 +98,125 @@ def format_summary(name: str, store: Path, summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------ the store others read
+_PATH_KEYS = {"manifest": "manifest", "lits": "root", "ircadb": "root", "crlm": "root"}
+
+
+def preprocess_command(data: Mapping[str, Any], with_store: bool = True) -> str:
+    """The ``python -m crc_lightning.preprocess …`` that builds the crop store ``data`` describes
+    (``data``: a run-style ``data`` node: ``kind``, ``name``, ``store``, ``manifest`` / ``root``);
+    ``with_store``: name the store folder too, so the command is exact from any folder."""
+    kind = str(data.get("kind"))
+    words = ["python -m crc_lightning.preprocess", f"data={kind}"]
+    if str(data.get("name")) != kind and kind != "manifest":
+        words.append(f"data.name={data.get('name')}")
+    key = _PATH_KEYS.get(kind)
+    if key:
+        value = data.get(key)
+        placeholder = "/path/labels.csv" if kind == "manifest" else f"/path/to/{kind}"
+        words.append(f"data.{key}={value if value not in (None, '', '???') else placeholder}")
+    if with_store:
+        words.append(f"data.store={Path(str(data.get('store'))).absolute()}")
+    return " ".join(words)
+
+
+def synthetic_spec(data: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What the built-in cohort of a ``data`` node with ``kind: synthetic`` is made from (None for
+    any other kind): the mapping :func:`crc_lightning.sources.load_cases` takes."""
+    if str(data.get("kind")) != "synthetic":
+        return None
+    return {
+        "kind": "synthetic",
+        "name": str(data.get("name", "synthetic")),
+        "root": str(data["root"]),
+        "synthetic": dict(data.get("synthetic") or {}),
+    }
+
+
+def _default_params() -> dict[str, Any]:
+    """Algorithm 1's parameters as ``python -m crc_lightning.preprocess`` uses them by default."""
+    return plain(OmegaConf.load(Path(CONF_DIR) / "preprocess.yaml").preprocess)
+
+
+def ensure_store(
+    store: str | Path,
+    synthetic: Mapping[str, Any] | None = None,
+    command: str | None = None,
+    build: bool = True,
+) -> Path:
+    """The crop store at ``store``; when it is missing, built once from the synthetic cohort
+    ``synthetic`` (:func:`synthetic_spec`) as ``python -m crc_lightning.preprocess`` would with its
+    default parameters, or an :class:`InputError` naming ``command`` (any other source: its
+    preprocessing is the user's to run, on their data).
+
+    One function for ``run`` (its ``data``) and ``pretrain`` (its synthetic OOD pool), so their
+    commands work on a fresh checkout in any order. Concurrent callers (joblib sweep jobs, DDP
+    ranks) take a file lock beside the store: one builds, the others wait and reuse it; the store
+    writer replaces ``index.parquet``/``store.json`` atomically, so a killed build leaves no
+    store that looks finished. ``build=False`` only checks (config validation: no work).
+    """
+    store = Path(store)
+    if is_store(store):
+        return store
+    if synthetic is None:
+        raise InputError(store, f"no crop store here; build it first with `{command}`")
+    if not build:
+        return store
+    from crc_lightning.cropstore.writer import build_crop_store
+    from crc_lightning.io.files import file_lock
+    from crc_lightning.sources import load_cases
+    from crc_lightning.sources.manifest import GENES
+
+    with file_lock(store.parent / f".{store.name}.lock"):
+        if is_store(store):  # built by another process while this one waited
+            return store
+        n = int(dict(synthetic.get("synthetic") or {}).get("n_patients", 48))
+        log.info(
+            "building the synthetic crop store once (%d patients; later runs reuse it): %s",
+            n,
+            store,
+        )
+        started = time.monotonic()
+        cases = load_cases(dict(synthetic), GENES)
+        summary = build_crop_store(cases, store, _default_params(), n_jobs=1, progress=False)
+        log.info(
+            "synthetic crop store ready: %d lesions, %d crops in %.0f s",
+            summary["lesions"],
+            summary["crops"],
+            time.monotonic() - started,
+        )
+    return store
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks of a preprocess config before any work or folder (:class:`ValidateConfig`)."""
+    from crc_lightning.preprocessing.algorithm import PreprocessParams
+    from crc_lightning.sources import SOURCES
+
+    kind = str(cfg.data.kind)
+    if kind not in SOURCES:
+        raise UsageError(f"unknown data.kind {kind!r}; expected one of {sorted(SOURCES)}")
+    key = _PATH_KEYS.get(kind)
+    if key:
+        value = OmegaConf.select(cfg, f"data.{key}", default=None)
+        if value in (None, "", "???"):
+            example = preprocess_command(cfg.data, with_store=False)
+            raise InputError(None, f"`data.{key}` is required, e.g. `{example}`")
+        exists = Path(str(value)).is_file() if key == "manifest" else Path(str(value)).is_dir()
+        if not exists:
+            what = "file" if key == "manifest" else "folder"
+            raise InputError(Path(str(value)), f"no such {what} (data.{key}=)")
+    n_jobs = config_int(cfg, "n_jobs", example=4)
+    if n_jobs == 0:
+        raise UsageError("`n_jobs=0`: give a number of parallel cases ≥ 1, or -1 for all cores")
+    PreprocessParams.from_config(plain(cfg.preprocess))
+    LabelSet.from_config(cfg.labels)
+    if cfg.get("shard") is not None:
+        if cfg.get("merge"):
+            raise UsageError("merge=true and shard=… are two steps: run the shards, then merge")
+        parse_shard(cfg.shard)
+
+
 def parse_shard(value: Any) -> tuple[int, int]:
     """``"i/n"`` → ``(i, n)`` with ``0 <= i < n`` (shards are numbered from 0)."""
     text = str(value).strip()
@@ -124,6 +249,7 @@ def preprocess(cfg: DictConfig) -> dict[str, Any]:
     from crc_lightning.preprocessing.algorithm import PreprocessParams
     from crc_lightning.sources import load_cases
 
+    validate(cfg)
     store = Path(cfg.data.store)
     shard = cfg.get("shard")
     if cfg.get("merge"):

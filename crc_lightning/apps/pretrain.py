@@ -28,11 +28,15 @@ Nothing identifying leaves the machine: logs and ``pretrain.json`` hold counts a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
+import shutil
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,7 @@ from crc_lightning.apps._hydra import (
     CONF_DIR,
     AbortRun,
     UsageError,
+    config_int,
     instantiate,
     instantiate_loggers,
     is_multirun,
@@ -54,20 +59,26 @@ from crc_lightning.apps._hydra import (
     task_wrapper,
     track_loggers,
 )
+from crc_lightning.apps.preprocess import ensure_store
+from crc_lightning.apps.progress import progress_callbacks
 from crc_lightning.io.errors import InputError
 from crc_lightning.io.files import write_json
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "RUN_FILE",
     "DistinctWeightsCallback",
     "WeightsClashError",
+    "check_checkpoint_dir",
+    "checkpoint_callbacks",
     "checkpoint_dir",
-    "ensure_synthetic_ood",
+    "ensure_ood_stores",
     "ood_stores",
     "pretrain",
     "resolve_ckpt_path",
     "swept_keys",
+    "validate",
     "weights_clash",
     "weights_path",
 ]
@@ -88,26 +99,34 @@ def ood_stores(cfg: DictConfig) -> dict[str, Path]:
     return stores
 
 
-def ensure_synthetic_ood(store: Path, spec: dict[str, Any]) -> None:
-    """Build a synthetic OOD crop store once, as ``python -m crc_lightning.preprocess data=synthetic
-    data.name=synthetic_ood data.synthetic.seed=7`` would (default preprocessing parameters)."""
-    from crc_lightning.cropstore.format import is_store
-
-    if is_store(store):
-        return
-    from crc_lightning.cropstore.writer import build_crop_store
-    from crc_lightning.sources.manifest import read_manifest
-    from crc_lightning.sources.synthetic import ensure_synthetic_cohort
-
-    log.info("building the synthetic OOD crop store once (seed %s)", spec.get("seed"))
-    csv = ensure_synthetic_cohort(
-        Path(str(spec["root"])),
-        int(spec.get("n_patients", 48)),
-        int(spec.get("seed", 7)),
-        float(spec.get("dicom_fraction", 0.0)),
-    )
-    cases = read_manifest(Path(csv), source=store.name)
-    build_crop_store(cases, store, {}, n_jobs=1, progress=False)
+def ensure_ood_stores(cfg: DictConfig, stores: dict[str, Path], build: bool = True) -> None:
+    """Every OOD store there, or buildable: the synthetic ones of ``ood.build_synthetic`` are built
+    once (:func:`~crc_lightning.apps.preprocess.ensure_store`, as ``python -m
+    crc_lightning.preprocess data=synthetic data.name=synthetic_ood data.synthetic.seed=7`` would);
+    any other missing store is an error naming its preprocess command (``ood.hints``)."""
+    build_specs = plain(cfg.ood.get("build_synthetic")) or {}
+    hints = plain(cfg.ood.get("hints")) or {}
+    for name, store in stores.items():
+        spec = build_specs.get(name)
+        synthetic = None
+        if spec is not None:
+            synthetic = {
+                "kind": "synthetic",
+                "name": name,
+                "root": str(spec["root"]),
+                "synthetic": {
+                    "n_patients": int(spec.get("n_patients", 48)),
+                    "seed": int(spec.get("seed", 7)),
+                    "dicom_fraction": float(spec.get("dicom_fraction", 0.0)),
+                },
+            }
+        hint = hints.get(name) or "python -m crc_lightning.preprocess data=<source> data.root=…"
+        try:
+            ensure_store(store, synthetic, hint, build=build)
+        except InputError as err:
+            raise InputError(
+                store, f"no crop store for OOD source {name!r}; build it with `{hint}`"
+            ) from err
 
 
 def _run_key(cfg: DictConfig, stores: dict[str, Path]) -> str:
@@ -141,6 +160,99 @@ def weights_path(cfg: DictConfig) -> Path:
         return Path(str(cfg.weights_file))
     name = simclr_weights_name(int(cfg.res), bool(cfg.model.attention))
     return Path(str(cfg.paths.weights_dir)) / name
+
+
+RUN_FILE = "run.json"  # in a checkpoint folder: the settings key of the run that wrote it
+
+
+def _stored_run_key(ckpt_dir: Path) -> str | None:
+    try:
+        return str(json.loads((ckpt_dir / RUN_FILE).read_text())["key"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _asked_to_resume(ckpt_path: Any) -> bool:
+    return ckpt_path not in (None, "", "null")
+
+
+def check_checkpoint_dir(cfg: DictConfig, ckpt_dir: Path, run_key: str) -> None:
+    """Refuse to start a run that would overwrite another run's checkpoints in ``ckpt_dir``.
+
+    A folder with checkpoints is continued only when asked (``ckpt_path=last`` or a file) and when
+    they come from a run with the same settings (:data:`RUN_FILE`; the default folder is named by
+    them too); ``+overwrite=true`` starts again from epoch 0 and removes them. Why: re-running the
+    same command without ``ckpt_path=last`` restarted at epoch 0 in the same folder and overwrote
+    ``last.ckpt``, with Lightning's "directory not empty" warning only.
+    """
+    overwrite = bool(cfg.get("overwrite", False))
+    ckpt_path = cfg.get("ckpt_path")
+    if overwrite and _asked_to_resume(ckpt_path):
+        raise UsageError(
+            f"`ckpt_path={ckpt_path}` continues a run, `+overwrite=true` starts one again: give one"
+        )
+    existing = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+    if not existing or overwrite:
+        return
+    fresh = (
+        "start again from epoch 0 with `+overwrite=true` (removes them) or in a new folder "
+        "with `checkpoint_dir=<folder>`"
+    )
+    stored = _stored_run_key(ckpt_dir)
+    if stored is not None and stored != run_key:
+        raise UsageError(
+            f"{ckpt_dir} holds the checkpoints of another pretraining run (other data, model or "
+            f"SimCLR settings), which these settings cannot continue: {fresh}"
+        )
+    if not _asked_to_resume(ckpt_path):
+        shown = ", ".join(existing[-3:]) + (", …" if len(existing) > 3 else "")
+        raise UsageError(
+            f"{ckpt_dir} already holds the checkpoints of a run with these settings ({shown}): "
+            f"continue it with `ckpt_path=last`, or {fresh}"
+        )
+
+
+REPLACED_DIR = ".replaced"  # in a checkpoint folder: the earlier run's checkpoints, set aside
+
+
+def _take_checkpoint_dir(cfg: DictConfig, ckpt_dir: Path, run_key: str) -> Path | None:
+    """After :func:`check_checkpoint_dir`: record whose checkpoints the folder holds (:data:`RUN_FILE`)
+    and, when ``+overwrite=true`` asked to start again, set the earlier run's checkpoints aside
+    (returned folder): :func:`_settle_replaced` removes them once this run has finished, or puts
+    them back when it fails — a failed restart does not cost the earlier run."""
+    aside = None
+    old = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+    if old and bool(cfg.get("overwrite", False)):
+        aside = ckpt_dir / REPLACED_DIR
+        aside.mkdir(exist_ok=True)
+        log.warning(
+            "+overwrite=true: starting again at epoch 0; the %d checkpoint(s) of the earlier run "
+            "in %s are removed when this run finishes (put back if it fails)",
+            len(old),
+            ckpt_dir,
+        )
+        for path in old:
+            with contextlib.suppress(FileNotFoundError):  # DDP: every rank runs this
+                os.replace(path, aside / path.name)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    write_json(ckpt_dir / RUN_FILE, {"key": run_key})
+    return aside
+
+
+def _settle_replaced(aside: Path | None, ckpt_dir: Path, succeeded: bool) -> None:
+    """The end of an ``+overwrite=true`` run: drop the earlier checkpoints, or restore them."""
+    if aside is None or not aside.is_dir():
+        return
+    if succeeded:
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    for path in ckpt_dir.glob("*.ckpt"):  # this failed run's own
+        path.unlink(missing_ok=True)
+    for path in aside.glob("*.ckpt"):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path, ckpt_dir / path.name)
+    shutil.rmtree(aside, ignore_errors=True)
+    log.warning("pretraining failed: the earlier run's checkpoints are back in %s", ckpt_dir)
 
 
 def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
@@ -308,6 +420,50 @@ def pool_patient_keys(pool: Any, stores: Mapping[str, Path]) -> set[str]:
     return keys
 
 
+def validate(cfg: DictConfig) -> None:
+    """Checks of a pretrain config before any work or folder (Hydra callback ``ValidateConfig``,
+    and :func:`pretrain` itself): numbers, the OOD stores, the checkpoint folder."""
+    for key, example in (("res", 64), ("epochs", 100), ("batch_size", 64)):
+        config_int(cfg, key, minimum=1, example=example)
+    config_int(cfg, "seed", example=0)
+    config_int(cfg, "checkpoint_every_n_epochs", minimum=1, example=50)
+    if not float(cfg.temperature) > 0:
+        raise UsageError(f"`temperature={cfg.temperature}`: the NT-Xent temperature must be > 0")
+    stores = ood_stores(cfg)
+    ensure_ood_stores(cfg, stores, build=False)
+    check_checkpoint_dir(cfg, checkpoint_dir(cfg, stores), _run_key(cfg, stores))
+    resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir(cfg, stores))
+
+
+def checkpoint_callbacks(ckpt_dir: Path, every_n_epochs: int) -> list[Any]:
+    """A numbered checkpoint every ``every_n_epochs`` and ``last.ckpt`` after EVERY epoch, so a
+    killed job loses at most one epoch (Lightning's ``save_last`` only follows the numbered
+    checkpoints: a second callback writes ``last.ckpt`` — except at ``every_n_epochs=1``, where
+    the two would be identical, which Lightning refuses)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    every = int(every_n_epochs)
+    numbered = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="epoch{epoch:04d}",
+        auto_insert_metric_name=False,
+        every_n_epochs=every,
+        save_top_k=-1,
+        save_last=every == 1,
+        enable_version_counter=False,
+    )
+    if every == 1:
+        return [numbered]
+    last = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="last",
+        every_n_epochs=1,
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    return [numbered, last]
+
+
 @task_wrapper
 def pretrain(cfg: DictConfig) -> dict[str, Any]:
     """Run one SimCLR pretraining job; return its summary (also written as ``pretrain.json``).
@@ -315,20 +471,18 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     The returned dict also carries the ``trainer`` (in-process callers, tests); the JSON does not.
     """
     import lightning.pytorch as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from crc_lightning import __version__
     from crc_lightning.data.ssl import SSLDataModule
     from crc_lightning.distributed import finish_job
     from crc_lightning.models.simclr import export_simclr_weights
 
+    validate(cfg)
     started = time.monotonic()
     multirun = is_multirun()  # sweeps: no progress bar, one line per finished job
     L.seed_everything(int(cfg.seed), workers=True)
     stores = ood_stores(cfg)
-    for name, spec in (plain(cfg.ood.get("build_synthetic")) or {}).items():
-        if name in stores:
-            ensure_synthetic_ood(stores[name], spec)
+    ensure_ood_stores(cfg, stores)
     datamodule = SSLDataModule(
         stores,
         res=int(cfg.res),
@@ -349,30 +503,20 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     model = instantiate(cfg.model)
 
     ckpt_dir = checkpoint_dir(cfg, stores)
-    numbered = ModelCheckpoint(
-        dirpath=ckpt_dir,
-        filename="epoch{epoch:04d}",
-        auto_insert_metric_name=False,
-        every_n_epochs=max(1, int(cfg.checkpoint_every_n_epochs)),
-        save_top_k=-1,
-        enable_version_counter=False,
-    )
-    # last.ckpt after EVERY epoch (Lightning's save_last only follows the numbered checkpoints),
-    # so a killed job loses at most one epoch
-    last = ModelCheckpoint(
-        dirpath=ckpt_dir,
-        filename="last",
-        every_n_epochs=1,
-        save_top_k=1,
-        enable_version_counter=False,
-    )
+    run_key = _run_key(cfg, stores)
+    check_checkpoint_dir(cfg, ckpt_dir, run_key)
+    resume = resolve_ckpt_path(cfg.get("ckpt_path"), ckpt_dir)
+    aside = _take_checkpoint_dir(cfg, ckpt_dir, run_key)
     loggers = instantiate_loggers(cfg.get("logger"))
     track_loggers(loggers)
-    progress = {"enable_progress_bar": False} if multirun else {}
+    bar = bool(cfg.trainer.get("enable_progress_bar", True)) and not multirun
+    shown, bar = progress_callbacks(bar, f"[{job_label()}]" if multirun else "")
     trainer = instantiate(
-        cfg.trainer, callbacks=[numbered, last], logger=loggers or False, **progress
+        cfg.trainer,
+        callbacks=[*checkpoint_callbacks(ckpt_dir, int(cfg.checkpoint_every_n_epochs)), *shown],
+        logger=loggers or False,
+        enable_progress_bar=bar,
     )
-    resume = resolve_ckpt_path(cfg.get("ckpt_path"), ckpt_dir)
     public = {
         "res": int(cfg.res),
         "seed": int(cfg.seed),
@@ -386,7 +530,14 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     for lg in loggers:
         lg.log_hyperparams(public)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+        with warnings.catch_warnings():
+            # the folder was checked above (check_checkpoint_dir): its files are this run's own
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* is not empty")
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+    except BaseException:
+        if trainer.is_global_zero:
+            _settle_replaced(aside, ckpt_dir, succeeded=False)
+        raise
     finally:
         if trainer.world_size > 1:
             finish_job(trainer)  # the next job of a sweep starts without a stale process group
@@ -428,11 +579,20 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         if cfg.export:
             keys = pool_patient_keys(datamodule.pool, stores)
+            replaced = weights_file.is_file()
+            # atomic: the old file or the new
             export_simclr_weights(model, weights_file, meta, pool_patients=keys)
-            log.info("SimCLR weights written to %s", weights_file)
+            log.info(
+                "SimCLR weights written to %s%s",
+                weights_file,
+                " (replacing the previous file, now that this run has finished)"
+                if replaced
+                else "",
+            )
         out = OmegaConf.select(cfg, "paths.output_dir", throw_on_resolution_failure=False)
         if out:
             write_json(Path(str(out)) / "pretrain.json", result)
+        _settle_replaced(aside, ckpt_dir, succeeded=True)
         if multirun:
             print(_job_line(result, time.monotonic() - started), flush=True)
     result["trainer"] = trainer

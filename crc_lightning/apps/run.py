@@ -45,6 +45,8 @@ from omegaconf import DictConfig, OmegaConf
 from crc_lightning import __version__
 from crc_lightning.apps._hydra import (
     CONF_DIR,
+    UsageError,
+    config_int,
     get_metric_value,
     instantiate,
     instantiate_callbacks,
@@ -57,6 +59,8 @@ from crc_lightning.apps._hydra import (
     track_loggers,
 )
 from crc_lightning.apps.callbacks import check_optimized_metric
+from crc_lightning.apps.preprocess import ensure_store, preprocess_command, synthetic_spec
+from crc_lightning.apps.progress import progress_callbacks
 from crc_lightning.cropstore.format import store_facts
 from crc_lightning.io.errors import InputError
 from crc_lightning.io.files import sha256_file, write_atomic, write_json
@@ -72,6 +76,7 @@ __all__ = [
     "plan_job",
     "predictions_frame",
     "run",
+    "validate",
 ]
 
 PRED_ID_COLUMNS = ["patient_id", "lesion", "crop_id", "slice"]
@@ -80,6 +85,33 @@ HASH_SKIP_TOP = ("paths", "hydra", "logger", "resume", "print_metrics", "optimiz
                  "optimized_mode")  # fmt: skip
 HASH_SKIP_KEYS = frozenset({"enable_progress_bar", "enable_model_summary", "log_every_n_steps"})
 _PATH_KEY = re.compile(r"(^|_)(path|file|dir|dirpath|root|store|manifest)s?($|_)")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks of a run config before any work or folder (Hydra callback ``ValidateConfig``, and
+    :func:`run` itself): numbers, the label set, the crop store (buildable when synthetic), the
+    backbone's weights file (SimCLR: names the pretrain command)."""
+    from crc_lightning.data.labels import LabelSet
+    from crc_lightning.models.backbone import resolve_imagenet_file
+    from crc_lightning.models.classifier import require_simclr_file, simclr_file
+
+    res = config_int(cfg, "res", minimum=1, example=64)
+    config_int(cfg, "seed", example=0)
+    config_int(cfg, "datamodule.batch_size", minimum=1, example=16)
+    LabelSet.from_config(cfg.labels)
+    ensure_store(
+        cfg.data.store, synthetic_spec(cfg.data), preprocess_command(cfg.data), build=False
+    )
+    bb, attention = cfg.model.backbone, bool(cfg.model.attention)
+    init = str(bb.weights)
+    if init == "simclr":
+        require_simclr_file(
+            simclr_file(bb.weights_file, bb.weights_dir, res, attention), res, attention
+        )
+    elif init == "imagenet":
+        resolve_imagenet_file(str(bb.name), bb.weights_file or bb.get("imagenet_file"))
+    elif init != "none":
+        raise UsageError(f"`model.backbone.weights={init}`: choose imagenet, simclr or none")
 
 
 def _drop_paths(node: Any) -> Any:
@@ -307,6 +339,7 @@ def _train_fold(
     loggers: list,
     trainers: list,
     multirun: bool,
+    several: bool = False,
 ) -> dict[str, Any]:
     """Fit one fold, re-validate and test its best checkpoint (every rank); the fold's trainer is
     appended to ``trainers`` as soon as it exists (the first one starts the DDP child ranks)."""
@@ -320,8 +353,13 @@ def _train_fold(
     for cb in callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.dirpath:
             cb.dirpath = str(Path(cb.dirpath) / f"fold{fold}")
-    progress = {"enable_progress_bar": False} if multirun else {}
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **progress)
+    bar = bool(cfg.trainer.get("enable_progress_bar", True)) and not multirun
+    label = f"[{job_label()}]" if multirun else ""
+    shown, bar = progress_callbacks(bar, f"{label}[fold {fold}]" if several else label)
+    trainer = instantiate(
+        cfg.trainer, callbacks=[*callbacks, *shown], logger=loggers or False,
+        enable_progress_bar=bar,
+    )  # fmt: skip
     trainers.append(trainer)
     trainer.fit(model, datamodule=datamodule)
     best_path, best_epoch = _best_checkpoint(trainer)
@@ -354,6 +392,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from crc_lightning.evaluation.aggregate import evaluate_levels
     from crc_lightning.tracking import log_final_metrics
 
+    validate(cfg)
+    ensure_store(cfg.data.store, synthetic_spec(cfg.data), preprocess_command(cfg.data))
     torch.set_flush_denormal(True)
     started = time.monotonic()
     check_optimized_metric(cfg.get("optimized_metric"), cfg.get("optimized_mode", "max"))
@@ -404,7 +444,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if several:
                 _set_log_prefix(loggers, f"fold{fold}")
                 log.info("fold %d of %d (%s)", fold + 1, plan.n_splits, plan.protocol)
-            done = _train_fold(cfg, fold, split, meta, loggers, trainers, multirun)
+            done = _train_fold(cfg, fold, split, meta, loggers, trainers, multirun, several)
             trainer, model, dm = done["trainer"], done["model"], done["datamodule"]
             is_zero = bool(trainer.is_global_zero)
             if list(model.class_names) != classes:

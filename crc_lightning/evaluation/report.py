@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from crc_lightning.evaluation.aggregate import LEVELS
+from crc_lightning.evaluation.html import write_report_html
 from crc_lightning.evaluation.results import (
     GROUP,
     METRICS,
@@ -655,7 +656,9 @@ def report_from_jobs(
     for title, path in figs:
         md.append(f"### {title}\n\n![{title}]({path.name})\n")
     md.append(checklist_markdown(ev, summary, figs, ci=ci))
-    return write_atomic(out / "report.md", "\n".join(md))
+    report = write_atomic(out / "report.md", "\n".join(md))
+    write_report_html(report)  # report.html beside it, rendered from report.md
+    return report
 
 
 def default_out_dir(job_dirs: Sequence[Path], sweeps: Sequence[str | Path]) -> Path:

@@ -48,7 +48,7 @@ from crc_lightning.preprocessing.algorithm import (
     PreprocessParams,
     preprocess_scan,
 )
-from crc_lightning.sources.manifest import BASE_COLUMNS, read_manifest, safe_id
+from crc_lightning.sources.manifest import BASE_COLUMNS, read_manifest
 
 __all__ = [
     "LESION_ID_COLUMNS",
@@ -200,6 +200,7 @@ def _write_saliency(
 ) -> list[Path]:
     """One PNG per lesion on its central crop: the included slice with the largest area."""
     from crc_lightning.inference.saliency import saliency_map, save_overlay
+    from crc_lightning.inference.summary import saliency_name
 
     classes = [str(c) for c in card["class_names"]]
     if saliency_class is not None and saliency_class not in classes:
@@ -218,7 +219,7 @@ def _write_saliency(
             f"{les['patient_id']} lesion {les['lesion']} slice {crops[k].slice} — {method}, "
             f"{classes[target]} p={probs[target]:.2f}"
         )
-        name = f"{safe_id(str(les['patient_id']))}_{int(les['lesion'])}.png"
+        name = saliency_name(str(les["patient_id"]), int(les["lesion"]))
         written.append(save_overlay(grey, cam, out_dir / name, title))
     return written
 

@@ -33,6 +33,7 @@ __all__ = [
     "atomic_dir",
     "atomic_path",
     "default_mode",
+    "file_lock",
     "series_files",
     "sha256_file",
     "sha256_path",
@@ -162,3 +163,24 @@ def sha256_path(path: str | Path) -> str:
             h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
         return h.hexdigest()
     raise FileNotFoundError(f"{path}: not found")
+
+
+@contextlib.contextmanager
+def file_lock(lock_path: str | Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if needed) for the ``with`` block.
+
+    Serialises the processes that would build the same thing at once (sweep jobs under joblib,
+    DDP ranks): the first builds, the others wait, then find it built. No-op without ``fcntl``.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

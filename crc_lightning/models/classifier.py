@@ -39,7 +39,13 @@ from crc_lightning.models.simclr import load_simclr_weights, pretrain_command, s
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DefinedClassAUROC", "MutationClassifier", "load_simclr_into"]
+__all__ = [
+    "DefinedClassAUROC",
+    "MutationClassifier",
+    "load_simclr_into",
+    "require_simclr_file",
+    "simclr_file",
+]
 
 
 class DefinedClassAUROC(Metric):
@@ -108,6 +114,18 @@ def simclr_file(
     return None
 
 
+def require_simclr_file(path: Path | None, res: int, attention: bool) -> Path:
+    """``path`` if it is a file, else :class:`WeightsNotFoundError` naming the command that makes it
+    (also the apps' check before any work: ``run -m variant=oodp_sa …`` on a fresh checkout)."""
+    if path is None or not path.is_file():
+        raise WeightsNotFoundError(
+            f"model.backbone.weights=simclr needs a SimCLR checkpoint, but {path} does not exist. "
+            f"Make it with `{pretrain_command(res, attention)}`, or pass "
+            "model.backbone.weights_file=/path/to/simclr.ckpt, or use variant=baseline."
+        )
+    return path
+
+
 def load_simclr_into(
     backbone: nn.Module, pool: nn.Module, path: Path | None, res: int, attention: bool
 ) -> WeightsInfo:
@@ -116,13 +134,7 @@ def load_simclr_into(
     A missing checkpoint raises :class:`WeightsNotFoundError` naming the
     command that makes the checkpoint.
     """
-    if path is None or not path.is_file():
-        raise WeightsNotFoundError(
-            f"model.backbone.weights=simclr needs a SimCLR checkpoint, but {path} does not exist. "
-            f"Make it with `{pretrain_command(res, attention)}`, or pass "
-            "model.backbone.weights_file=/path/to/simclr.ckpt, or use variant=baseline."
-        )
-
+    path = require_simclr_file(path, res, attention)
     bb_state, pool_state, _meta = load_simclr_weights(path, res, attention)
     backbone.load_state_dict(bb_state, strict=True)
     if attention:

@@ -48,19 +48,19 @@ patients) and ``masks/<pid>.nii.gz`` instance masks. Same seed → identical arr
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from crc_lightning.io import InputError, Volume, write_dicom_series, write_nifti
+from crc_lightning.io.files import file_lock
 from crc_lightning.sources.manifest import GENES
 
 GENERATOR_VERSION = 3  # bump whenever the arrays for a given seed change
@@ -323,22 +323,6 @@ def generate_synthetic_cohort(
     return root / "labels.csv"
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """Serialise generators of the same cohort (parallel jobs, DDP ranks); no-op without fcntl."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    with open(lock_path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _read_stamp(stamp: Path) -> dict | None:
     try:
         return json.loads(stamp.read_text())
@@ -372,7 +356,7 @@ def ensure_synthetic_cohort(
     if labels_csv.is_file() and _read_stamp(stamp) == params:
         return labels_csv
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(root.parent / f".{root.name}.lock"):
+    with file_lock(root.parent / f".{root.name}.lock"):
         if labels_csv.is_file() and _read_stamp(stamp) == params:
             return labels_csv  # another process made it while we waited
         if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not stamp.is_file())):

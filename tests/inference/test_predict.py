@@ -3,8 +3,10 @@ refusals, ``--info``, streaming manifests, saliency maps against hand-computed o
 
 from __future__ import annotations
 
+import base64
 import gc
 import pickle
+import re
 import subprocess
 import sys
 import weakref
@@ -161,6 +163,22 @@ def test_app_single_patient_writes_the_contract_files(trained, tmp_path, capsys)
     printed = capsys.readouterr().out
     assert f"patient {pid}" in printed and "p(KRAS)" in printed
     assert not list(out.glob(".tmp-*"))
+    # the patient's page: the lesion table and every saliency overlay, embedded
+    page = (out / "patients" / f"{pid}.html").read_text()
+    images = dict(re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="Lesion (\d+):', page))
+    shown = {int(les): base64.b64decode(data) for data, les in images.items()}
+    want = {int(les): (out / "saliency" / f"{pid}_{les}.png").read_bytes()
+            for les in lesions.query("n_slices > 0")["lesion"]}  # fmt: skip
+    assert shown == want and shown
+    rows = [re.findall(r">([^<]*)</td>", r) for r in page.split("<tr>")[2:]]
+    assert [r[:2] for r in rows] == [
+        [str(a), str(b)] for a, b in lesions[["lesion", "n_slices"]].values
+    ]
+    for r, (_, row) in zip(rows, lesions.iterrows()):
+        assert r[2 : 2 + len(PCOLS)] == [
+            f"{row[c]:.3f}" if np.isfinite(row[c]) else "–" for c in PCOLS
+        ]
+    assert summary["files"]["patients"] == "patients/"
 
 
 def test_card_carries_training_spacing_and_predict_warns_outside_it(trained, caplog) -> None:
