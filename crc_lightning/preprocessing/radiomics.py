@@ -93,8 +93,8 @@ class RadiomicsParams:
             raise ValueError(
                 f"radiomics.feature_classes: unknown {unknown} (known: {list(FEATURE_CLASSES)})"
             )
-        if self.pad_mm < 0 or self.min_voxels < 1 or not self.glcm_distances:
-            raise ValueError("radiomics: pad_mm ≥ 0, min_voxels ≥ 1, glcm_distances non-empty")
+        if self.pad_mm < 0 or self.min_voxels < 2 or not self.glcm_distances:
+            raise ValueError("radiomics: pad_mm ≥ 0, min_voxels ≥ 2, glcm_distances non-empty")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> RadiomicsParams:
@@ -228,14 +228,16 @@ def _extractor(params: RadiomicsParams) -> Any:
     import radiomics
     from radiomics.featureextractor import RadiomicsFeatureExtractor
 
-    radiomics.setVerbosity(logging.ERROR)  # its INFO/WARNING chatter goes to stderr otherwise
+    # its per-lesion INFO/WARNING chatter (stderr handler, and job logs through propagation)
+    radiomics.setVerbosity(logging.ERROR)
+    logging.getLogger("radiomics").setLevel(logging.ERROR)
     extractor = RadiomicsFeatureExtractor(
         binWidth=float(params.bin_width),
         resampledPixelSpacing=None,  # done by resample_lesion, on a lesion-centred grid
         distances=list(params.glcm_distances),
         additionalInfo=False,
         minimumROIDimensions=1,
-        minimumROISize=int(params.min_voxels),
+        minimumROISize=None,  # lesion_features checks min_voxels itself
         label=1,
     )
     extractor.disableAllFeatures()
@@ -289,16 +291,10 @@ def lesion_features(
         probe = np.zeros((3, 3, 3), bool)
         probe[:, :, :] = True
         rng = np.random.default_rng(0).normal(0, 50, (3, 3, 3)).astype(np.float32)
-        names = list(_radiomics(rng, probe, (1.0, 1.0, 1.0), _probe_params(params)))
+        names = list(_radiomics(rng, probe, (1.0, 1.0, 1.0), params))
     for lesion in small:
         out[lesion].update(dict.fromkeys(names or [], math.nan))
     return out
-
-
-def _probe_params(params: RadiomicsParams) -> RadiomicsParams:
-    from dataclasses import replace
-
-    return replace(params, min_voxels=1)
 
 
 def scan_features(
