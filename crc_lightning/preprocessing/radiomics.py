@@ -257,7 +257,18 @@ def _radiomics(
     img.SetSpacing(xyz)
     msk.SetSpacing(xyz)
     out = _extractor(params).execute(img, msk, label=1)
-    return {k[len(_PREFIX) :]: float(v) for k, v in out.items() if not k.startswith("diagnostics_")}
+    return {
+        k[len(_PREFIX) :]: _number(v) for k, v in out.items() if not k.startswith("diagnostics_")
+    }
+
+
+def _number(value: Any) -> float:
+    """A feature as a float; a complex result (PyRadiomics' square root of a negative eigenvalue
+    of a flat lesion, e.g. ``shape_LeastAxisLength``) is missing, not its real part."""
+    v = np.asarray(value)
+    if np.iscomplexobj(v):
+        return float(v.real) if abs(float(v.imag)) <= 1e-12 else math.nan
+    return float(v)
 
 
 def lesion_features(

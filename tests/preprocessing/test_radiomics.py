@@ -182,3 +182,10 @@ def test_params_from_config():
         RadiomicsParams.from_config({"feature_classes": ["glcm", "wavelet"]})
     with pytest.raises(ValueError, match="bin_width"):
         RadiomicsParams(bin_width=0)
+
+
+def test_complex_results_become_missing_not_their_real_part():
+    from crc_lightning.preprocessing.radiomics import _number
+
+    assert _number(np.float64(2.5)) == 2.5 and _number(np.complex128(3 + 0j)) == 3.0
+    assert math.isnan(_number(np.complex128(1e-3 + 2j)))  # sqrt of a negative eigenvalue
