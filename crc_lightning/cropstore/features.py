@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "FeatureError",
     "build_feature_table",
+    "feature_columns",
     "feature_library_version",
     "feature_table",
     "lesion_table",
@@ -244,8 +245,7 @@ def _combine(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=list(FEATURE_ID_COLUMNS))
     table = pd.concat(frames, ignore_index=True, sort=False)
-    names = [c for c in table.columns if c not in FEATURE_ID_COLUMNS]
-    return table[[*FEATURE_ID_COLUMNS, *names]]
+    return table[[*FEATURE_ID_COLUMNS, *feature_columns(table)]]
 
 
 def build_feature_table(
@@ -413,6 +413,12 @@ def feature_table(
     return read_feature_table(store, params)
 
 
+def feature_columns(features: pd.DataFrame) -> list[str]:
+    """The feature columns of a feature table (everything but :data:`FEATURE_ID_COLUMNS`), in
+    order: what a radiomics model is fitted on."""
+    return [c for c in features.columns if c not in FEATURE_ID_COLUMNS]
+
+
 def lesion_table(features: pd.DataFrame, index: pd.DataFrame, genes: Sequence[str]) -> pd.DataFrame:
     """One row per lesion of the crop-store ``index`` (lesions with crops, labelled), its features
     and its ``genes`` columns, in the index's order of first appearance.
@@ -427,5 +433,4 @@ def lesion_table(features: pd.DataFrame, index: pd.DataFrame, genes: Sequence[st
             [f"{len(missing)} lesion(s) of the crop store have no features row (stale table?)"],
         )
     table = lesions.merge(features, on="lesion_uid", how="left", validate="one_to_one")
-    names = [c for c in features.columns if c not in FEATURE_ID_COLUMNS]
-    return table[[*FEATURE_ID_COLUMNS, *genes, *names]].reset_index(drop=True)
+    return table[[*FEATURE_ID_COLUMNS, *genes, *feature_columns(features)]].reset_index(drop=True)

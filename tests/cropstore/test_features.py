@@ -4,6 +4,8 @@ setting, resumable, parallel, checked against the store, written atomically."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from crc_lightning.cropstore import features as feat_mod
 from crc_lightning.cropstore.features import (
     FeatureError,
     build_feature_table,
+    feature_columns,
     feature_table,
     lesion_table,
     read_feature_table,
@@ -108,6 +111,18 @@ def test_table_has_one_row_per_lesion_with_the_crop_store_ids(store):
     meta = json.loads((folder / FEATURES_META_FILE).read_text())
     assert meta["params"] == PARAMS.to_dict() and set(meta["inputs"]) == {"P1", "P2", "P3"}
     assert meta["library"].startswith("pyradiomics")
+
+
+def test_written_files_are_0644(store):
+    out, cases = store
+    old = os.umask(0o022)
+    try:
+        build_feature_table(cases, out, PARAMS, progress=False)
+    finally:
+        os.umask(old)
+    files = [p for p in (out / "radiomics").rglob("*") if p.is_file()]
+    assert len(files) >= 5  # 3 cases, table, metadata (+ the lock)
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {"0o644"}
 
 
 def test_reused_per_case_and_per_setting(store, monkeypatch):
@@ -232,9 +247,7 @@ def test_lesion_table_joins_labels_of_lesions_with_crops(store):
     assert table["lesion_uid"].tolist() == index["lesion_uid"].drop_duplicates().tolist()
     assert table.loc[table.patient_id == "P2", "KRAS"].tolist() == [1, 1]
     assert table.loc[table.patient_id == "P1", "PIK3CA"].tolist() == [1]
-    assert list(table.columns[: len(FEATURE_ID_COLUMNS) + len(GENES)]) == [
-        *FEATURE_ID_COLUMNS,
-        *GENES,
-    ]
+    assert list(table.columns) == [*FEATURE_ID_COLUMNS, *GENES, *feature_columns(features)]
+    assert feature_columns(features)[0] == "n_voxels" and "glcm_Contrast" in feature_columns(table)
     with pytest.raises(FeatureError, match="no features row"):
         lesion_table(features[features.patient_id != "P1"], index, GENES)

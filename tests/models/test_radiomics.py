@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import stat
 
 import numpy as np
 import pandas as pd
@@ -146,8 +147,13 @@ def test_saved_model_round_trips_exactly_without_pickle(tmp_path, monkeypatch, e
     features, labels, pids = _cohort(30)
     cfg = {**TINY, "estimators": estimators}
     model = fit(features, labels, pids, CLASSES, cfg, seed=5)
-    model.save(tmp_path / "m")
+    umask = os.umask(0o022)
+    try:
+        model.save(tmp_path / "m")
+    finally:
+        os.umask(umask)
     assert {p.name for p in (tmp_path / "m").iterdir()} == {MODEL_FILE, MODEL_META_FILE}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()} == {0o644}
     with open(tmp_path / "m" / MODEL_FILE, "rb") as f:
         assert f.read(2) == b"PK"  # a zip (JSON + .npy), not a pickle stream
     _no_pickle(monkeypatch)
