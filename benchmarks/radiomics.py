@@ -5,8 +5,9 @@ The crop-store benchmark's synthetic 512×512×200 case (``benchmarks/preprocess
 ``--repeats`` (interleaved, so both see the same machine load):
 
   (a) read_image + read_mask only;
-  (b) what the feature cache does per case (``cropstore.features._feature_case``): load, lesion
-      ids, PyRadiomics features of the 6 lesions with ``conf/radiomics/default.yaml``, parquet.
+  (b) what the feature cache does per case (``cropstore.features._feature_case``): hash the
+      inputs, load, lesion ids, PyRadiomics features of the 6 lesions with
+      ``conf/radiomics/default.yaml``, write the case's parquet.
 
 Also the cached path a sweep's later jobs take (the table read back and checked, no CT read).
 
@@ -40,12 +41,18 @@ SPACING, BenchCase, phantom = _bench.SPACING, _bench.BenchCase, _bench.phantom
 
 from crc_lightning.cropstore.features import (  # noqa: E402
     _feature_case,
+    _Job,
     build_feature_table,
     read_feature_table,
 )
-from crc_lightning.cropstore.writer import build_crop_store  # noqa: E402
+from crc_lightning.cropstore.format import feature_case_file  # noqa: E402
+from crc_lightning.cropstore.writer import (  # noqa: E402
+    build_crop_store,
+    case_fingerprint,
+    package_version,
+)
 from crc_lightning.io import Volume, read_image, read_mask, write_nifti  # noqa: E402
-from crc_lightning.preprocessing.algorithm import lesion_boxes  # noqa: E402
+from crc_lightning.preprocessing.algorithm import PreprocessParams, lesion_boxes  # noqa: E402
 from crc_lightning.preprocessing.radiomics import (  # noqa: E402
     FEATURE_CLASSES,
     RadiomicsParams,
@@ -67,30 +74,39 @@ def median_of(fn, repeats: int) -> float:
     return float(np.median([timed(fn) for _ in range(repeats)]))
 
 
+def bench_case(folder: Path, n_slices: int) -> BenchCase:
+    """The crop-store benchmark's phantom written as NIfTI CT + mask, as a case."""
+    arrays = dict(zip(("ct", "mask"), phantom(n_slices)))
+    paths = {k: write_nifti(Volume(a, SPACING), folder / f"{k}.nii.gz") for k, a in arrays.items()}
+    return BenchCase("bench", "bench", paths["ct"], (paths["mask"],))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--slices", type=int, default=200)
-    ap.add_argument("--workdir", type=Path, default=None)
+    for flag, kind, default in (("--repeats", int, 3), ("--slices", int, 200)):
+        ap.add_argument(flag, type=kind, default=default)
+    ap.add_argument("--workdir", type=Path, default=None, help="folder for the temporary files")
     args = ap.parse_args()
     params = RadiomicsParams()  # = conf/radiomics/default.yaml (tests/models check they agree)
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
-        hu, mask = phantom(args.slices)
-        img = write_nifti(Volume(hu, SPACING), tmp / "ct.nii.gz")
-        msk = write_nifti(Volume(mask, SPACING), tmp / "mask.nii.gz")
-        del hu, mask
-        case = BenchCase("bench", "bench", img, (msk,))
+        case = bench_case(tmp, args.slices)
+        img, msk = case.image, case.masks[0]
 
         def read_only() -> None:
             image = read_image(img)
             read_mask(msk, reference=image)
 
+        preprocess = PreprocessParams()
+        version = package_version()
+        case_hash = case_fingerprint(case, preprocess, version)[2]
+        job = _Job(tmp / "whole", "bench", params, preprocess, version)
+
         def whole() -> None:
-            out = _feature_case(case, "bench", tmp / "bench.parquet", params, 26)
-            assert out.error is None, out.error
-            (tmp / "bench.parquet").unlink()
+            out = _feature_case(case, case_hash, job)
+            assert out.error is None and out.computed, out.error
+            feature_case_file(job.store, job.key, case_hash).unlink()
 
         image, raw = case.load()
         feats = scan_features(image.array, raw.array, image.spacing, params)  # warm-up: imports
@@ -108,8 +124,8 @@ def main() -> None:
             f"{len(next(iter(feats.values())))} features each; lesion voxels at "
             f"{params.resample_mm} mm: {voxels}"
         )
-        print(f"(a) read_image + read_mask          best {a:7.3f} s   median {a_med:7.3f} s")
-        print(f"(b) load + features + parquet       best {b:7.3f} s   median {b_med:7.3f} s")
+        print(f"(a) read_image + read_mask           best {a:7.3f} s   median {a_med:7.3f} s")
+        print(f"(b) hash + load + features + parquet best {b:7.3f} s   median {b_med:7.3f} s")
         print(
             f"ratio (b)/(a) = {b / a:.2f} best-of, {b_med / a_med:.2f} from the medians"
             "   (target <= 1.5)"

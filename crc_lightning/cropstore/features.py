@@ -142,23 +142,42 @@ def _read_parquet(path: Path) -> pd.DataFrame | None:
         return None
 
 
-def _feature_case(
-    case: Any,
-    case_hash: str,
-    path: Path,
-    params: RadiomicsParams,
-    connectivity: int,
-) -> _Outcome:
-    """Reuse a finished case file, else load the case, compute its features and write it.
+@dataclass(frozen=True)
+class _Job:
+    """What one case's worker needs (picklable for joblib)."""
+
+    store: Path
+    key: str
+    params: RadiomicsParams
+    preprocess: PreprocessParams
+    version: str
+
+
+def _feature_case(case: Any, stored_hash: str | None, job: _Job) -> _Outcome:
+    """Hash the case's inputs (they must be the crop store's), then reuse its finished case
+    file or load it, compute its features and write the file.
 
     Data problems come back as the outcome's error (all are reported together); programming
     errors propagate."""
-    out = _Outcome(case_id=str(case.case_id), case_hash=case_hash)
+    from crc_lightning.cropstore.writer import case_fingerprint
+
+    out = _Outcome(case_id=str(case.case_id))
     try:
+        _, _, out.case_hash = case_fingerprint(case, job.preprocess, job.version)
+        if out.case_hash != stored_hash:
+            why = (
+                "is not in the store"
+                if stored_hash is None
+                else "changed since the store was built"
+            )
+            raise InputError(case.image, f"case {case.case_id} {why}; re-run preprocess")
+        path = feature_case_file(job.store, job.key, out.case_hash)
         frame = _read_parquet(path) if path.exists() else None
         if frame is None:
             image, raw_mask = case.load()
-            feats = scan_features(image.array, raw_mask.array, image.spacing, params, connectivity)
+            feats = scan_features(
+                image.array, raw_mask.array, image.spacing, job.params, job.preprocess.connectivity
+            )
             frame = _case_frame(case, feats)
             buffer = io.BytesIO()
             frame.to_parquet(buffer, index=False)
@@ -181,56 +200,22 @@ def _store_inputs(store: Path) -> dict[str, Any]:
     return read_meta(store)
 
 
-def _case_hashes(cases: Sequence[Any], meta: dict[str, Any], store: Path) -> list[str]:
-    """Each case's crop-store hash, checked against the store: features must describe the
-    lesions the store's crops come from."""
-    from crc_lightning.cropstore.writer import case_fingerprint, package_version
-
-    params = PreprocessParams.from_config(meta.get("params", {}))
-    inputs = dict(meta.get("inputs", {}))
-    hashes, problems = [], []
-    for case in cases:
-        try:
-            _, _, case_hash = case_fingerprint(case, params, package_version())
-        except InputError as e:
-            problems.append(str(e))
-            continue
-        stored = inputs.get(str(case.case_id), {}).get("case_hash")
-        if stored != case_hash:
-            why = "is not in the store" if stored is None else "changed since the store was built"
-            problems.append(f"{case.image} (case {case.case_id}): {why}; re-run preprocess")
-        hashes.append(case_hash)
-    missing = sorted(set(inputs) - {str(c.case_id) for c in cases})
-    problems += [f"case {c!r} of the store is not among the cases given" for c in missing[:20]]
-    if problems:
-        raise FeatureError(store, problems)
-    return hashes
-
-
 def _outcomes(
-    cases: Sequence[Any],
-    hashes: Sequence[str],
-    store: Path,
-    key: str,
-    params: RadiomicsParams,
-    connectivity: int,
-    n_jobs: int,
-    progress: bool,
+    cases: Sequence[Any], meta: dict[str, Any], job: _Job, n_jobs: int, progress: bool
 ) -> list[_Outcome]:
+    """Every case's outcome, in order (joblib workers when ``n_jobs`` ≠ 1), under a progress bar."""
     from joblib import Parallel, delayed
     from tqdm.auto import tqdm
 
-    jobs = [
-        (case, h, feature_case_file(store, key, h), params, connectivity)
-        for case, h in zip(cases, hashes)
-    ]
-    bar = tqdm(total=len(jobs), desc="radiomics", unit="case", disable=not progress)
+    stored = {c: v.get("case_hash") for c, v in dict(meta.get("inputs", {})).items()}
+    todo = [(case, stored.get(str(case.case_id)), job) for case in cases]
+    bar = tqdm(total=len(todo), desc="radiomics", unit="case", disable=not progress)
     try:
-        if n_jobs == 1 or len(jobs) <= 1:
-            results = (_feature_case(*job) for job in jobs)
+        if n_jobs == 1 or len(todo) <= 1:
+            results = (_feature_case(*t) for t in todo)
         else:
             parallel = Parallel(n_jobs=n_jobs, return_as="generator")
-            results = parallel(delayed(_feature_case)(*job) for job in jobs)
+            results = parallel(delayed(_feature_case)(*t) for t in todo)
         outcomes = []
         for out in results:
             outcomes.append(out)
@@ -300,14 +285,22 @@ def _build(
     n_jobs: int,
     progress: bool,
 ) -> dict[str, Any]:
+    from crc_lightning.cropstore.writer import package_version
+
     connectivity = _connectivity(meta)
     key = settings_key(params, connectivity)
     folder = features_dir(store, key)
     (folder / FEATURE_CASES_DIR).mkdir(parents=True, exist_ok=True)
     _remove_tmp(folder)  # a killed builder's (we hold the lock: no builder is running)
     t0 = time.perf_counter()
-    hashes = _case_hashes(cases, meta, store)
-    outcomes = _outcomes(cases, hashes, store, key, params, connectivity, n_jobs, progress)
+    preprocess = PreprocessParams.from_config(meta.get("params", {}))
+    missing = sorted(set(meta.get("inputs", {})) - {str(c.case_id) for c in cases})
+    if missing:
+        raise FeatureError(
+            store, [f"case {c!r} of the store is not among the cases given" for c in missing[:20]]
+        )
+    job = _Job(store, key, params, preprocess, package_version())
+    outcomes = _outcomes(cases, meta, job, n_jobs, progress)
     problems = [o.error for o in outcomes if o.error]
     if problems:  # finished case files stay: the next run resumes from them
         raise FeatureError(store, problems)
@@ -338,7 +331,8 @@ def _build(
             "summary": summary,
         },
     )
-    summary["removed_files"] = _collect_garbage(folder / FEATURE_CASES_DIR, set(hashes))
+    keep = {o.case_hash for o in outcomes}
+    summary["removed_files"] = _collect_garbage(folder / FEATURE_CASES_DIR, keep)
     log.info(
         "radiomics features: %d cases (%d computed, %d reused), %d lesions × %d features",
         summary["cases"],
@@ -360,13 +354,15 @@ def _remove_tmp(folder: Path) -> None:
 
 
 def _collect_garbage(cases_dir: Path, keep: set[str]) -> int:
-    removed = 0
-    for path in cases_dir.glob("*.parquet"):
-        if path.stem not in keep and not path.name.startswith(TMP_PREFIX):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed += 1
-    return removed
+    """Delete this setting's case files that no case of the new table references."""
+    stale = [
+        p
+        for p in cases_dir.glob("*.parquet")
+        if p.stem not in keep and not p.name.startswith(TMP_PREFIX)
+    ]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def read_feature_table(
