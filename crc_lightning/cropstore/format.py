@@ -10,7 +10,11 @@ A crop store is a folder, the only input of ``pretrain`` and ``run``:
   distribution, input hashes per case, package version, creation time, summary;
 * while a sharded build is under way, ``shards/part-<i>-of-<n>.json`` (:func:`part_file`): one per
   finished shard, the outcomes of its cases (hashes, crop metadata, labels), merged into the index
-  and removed by ``merge_shards`` (:mod:`.writer`).
+  and removed by ``merge_shards`` (:mod:`.writer`);
+* :data:`FEATURES_DIR` ``/<settings_key>/`` — radiomics features of the store's lesions for one set
+  of feature settings (:mod:`.features`): :data:`FEATURE_CASES_DIR` ``/<case_hash>.parquet`` (one
+  case's lesions, resumable cache), :data:`FEATURES_FILE` (all of them) and
+  :data:`FEATURES_META_FILE` (settings, library version, the case hashes it was built from).
 
 This module is the only place these names are spelled; the writer (:mod:`.writer`) and the reader
 (:mod:`.reader`) and everything above them go through it. The store's identity is the sha256 of its
@@ -31,6 +35,12 @@ from crc_lightning.sources.manifest import GENES
 __all__ = [
     "BUILD_HINT",
     "CASES_DIR",
+    "FEATURES_DIR",
+    "FEATURES_FILE",
+    "FEATURES_FORMAT",
+    "FEATURES_META_FILE",
+    "FEATURE_CASES_DIR",
+    "FEATURE_ID_COLUMNS",
     "GENES",
     "INDEX_COLUMNS",
     "INDEX_FILE",
@@ -40,6 +50,8 @@ __all__ = [
     "SHARDS_DIR",
     "STORE_FORMAT",
     "case_file",
+    "feature_case_file",
+    "features_dir",
     "is_store",
     "part_file",
     "read_meta",
@@ -69,8 +81,17 @@ INDEX_COLUMNS: tuple[str, ...] = (
     "size_px",
     "source",
     "case_file",
+    "feature_case_file",
+    "features_dir",
     "key",
 )
+# radiomics features (one folder per settings key, beside the crops)
+FEATURES_FORMAT = 1  # bump when the feature table's layout or meaning changes
+FEATURES_DIR = "radiomics"
+FEATURE_CASES_DIR = "cases"
+FEATURES_FILE = "features.parquet"
+FEATURES_META_FILE = "features.json"
+FEATURE_ID_COLUMNS: tuple[str, ...] = ("patient_id", "lesion", "lesion_uid", "source")
 BUILD_HINT = "build it with `python -m crc_lightning.preprocess data=<synthetic|manifest|lits|...>`"
 
 
@@ -82,6 +103,16 @@ def case_file(case_hash: str) -> str:
 def part_file(shard: int, shards: int) -> str:
     """The part file (relative to the store) that shard ``shard`` of ``shards`` writes."""
     return f"{SHARDS_DIR}/part-{int(shard):04d}-of-{int(shards):04d}.json"
+
+
+def features_dir(store_dir: str | Path, settings_key: str) -> Path:
+    """The folder of one feature-settings key inside a crop store."""
+    return Path(store_dir) / FEATURES_DIR / settings_key
+
+
+def feature_case_file(store_dir: str | Path, settings_key: str, case_hash: str) -> Path:
+    """The cached features of one case (its crop-store case hash) for one settings key."""
+    return features_dir(store_dir, settings_key) / FEATURE_CASES_DIR / f"{case_hash}.parquet"
 
 
 def is_store(store_dir: str | Path) -> bool:
