@@ -20,7 +20,7 @@ from PIL import Image
 from crc_lightning.evaluation.html import render_markdown, write_html
 from crc_lightning.evaluation.report import find_job_dirs, report_from_jobs
 from crc_lightning.io.errors import InputError
-from tests.evaluation.test_report import write_job
+from tests.helpers.jobs import cohort, noise_score, signal_score, write_jobs
 from tests.helpers.stores import write_fake_store
 
 
@@ -99,10 +99,12 @@ def test_a_missing_figure_is_refused_and_nothing_written(tmp_path: Path) -> None
 def sweep_report(tmp_path: Path) -> Path:
     """report.html of a sweep (2 variants × 2 label sets × 3 seeds) with the crop-store gallery."""
     root = tmp_path / "multiruns" / "2026-01-01"
-    for variant in ("baseline", "oodp_sa"):
-        for labels in ("three", "five"):
-            for seed in range(3):
-                write_job(root, variant, labels, seed, init="none" if variant == "baseline" else "simclr")  # fmt: skip
+    c = cohort(15, seed=3)
+    for labels in ("three", "five"):
+        write_jobs(root, c, signal_score(0.35), variant="oodp_sa", labels=labels, init="simclr",
+                   seeds=(0, 1, 2), k=3)  # fmt: skip
+        write_jobs(root, c, noise_score, variant="baseline", labels=labels, init="none",
+                   seeds=(0, 1, 2), k=3)  # fmt: skip
     store = write_fake_store(tmp_path / "crops" / "fake", n_patients=8)
     md = report_from_jobs(
         find_job_dirs(root), root / "report", permutations=50, store=store, window=(400, 40)
@@ -119,7 +121,9 @@ def test_report_html_beside_report_md_has_every_table_and_figure(sweep_report: P
     assert all(i["alt"] and i["src"].startswith("data:image/png;base64,") for i in p.images)
     rules = [ln for ln in md.splitlines() if re.fullmatch(r"\|(\s*:?-+:?\s*\|)+\s*", ln)]
     assert p.tags.count("table") == len(rules) > 5  # every markdown table became one
-    assert any("±" in c and "base" in c for c in p.cells)  # cells with CIs and baselines
+    assert any(
+        re.search(r"\[[\d.]+, [\d.]+\]", c) and "base" in c for c in p.cells
+    )  # CI + baseline
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
