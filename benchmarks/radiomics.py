@@ -146,7 +146,7 @@ def main() -> None:
         t_ids, t_cut, t_lib = [], [], []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            labels, box = scan_label_map(raw.array, 26)
+            labels, box = scan_label_map(raw.array, "components", 26)
             t1 = time.perf_counter()
             cut = lib = 0.0
             for lesion, lbox in lesion_boxes(labels).items():

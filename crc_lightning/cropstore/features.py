@@ -174,10 +174,12 @@ def _feature_case(case: Any, stored_hash: str | None, job: _Job) -> _Outcome:
         path = feature_case_file(job.store, job.key, out.case_hash)
         frame = _read_parquet(path) if path.exists() else None
         if frame is None:
-            image, raw_mask = case.load()
+            # read exactly as the crop store's writer read it (orientation, mask resampling)
+            image, raw_mask = case.load(job.preprocess.read_options())
             feats = scan_features(
-                image.array, raw_mask.array, image.spacing, job.params, job.preprocess.connectivity
-            )
+                image.array, raw_mask.array, image.spacing, job.params, case.lesion_rule,
+                job.preprocess.connectivity,
+            )  # fmt: skip
             frame = _case_frame(case, feats)
             buffer = io.BytesIO()
             frame.to_parquet(buffer, index=False)

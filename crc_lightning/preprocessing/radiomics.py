@@ -132,7 +132,7 @@ class RadiomicsParams:
 
 
 def scan_label_map(
-    raw_mask: np.ndarray, connectivity: int
+    raw_mask: np.ndarray, lesion_rule: str, connectivity: int
 ) -> tuple[np.ndarray, tuple[slice, slice, slice] | None]:
     """The lesion label map of a raw mask's non-zero box, and that box (None if empty).
 
@@ -140,7 +140,7 @@ def scan_label_map(
     (:func:`crc_lightning.preprocessing.algorithm.preprocess_scan`), so lesion ``k`` here is
     lesion ``k`` of the crop store.
     """
-    return lesion_labels_in_box(raw_mask, connectivity)
+    return lesion_labels_in_box(raw_mask, lesion_rule, connectivity)
 
 
 def lesion_block(
@@ -313,11 +313,13 @@ def scan_features(
     raw_mask: np.ndarray,
     spacing_zyx: Sequence[float],
     params: RadiomicsParams,
+    lesion_rule: str = "components",
     connectivity: int = 26,
 ) -> dict[int, dict[str, float]]:
     """:func:`lesion_features` of a scan as read (HU image and raw mask on one grid): the lesion
-    ids of :func:`scan_label_map` (``connectivity`` = the crop store's)."""
-    labels, box = scan_label_map(raw_mask, connectivity)
+    ids of :func:`scan_label_map` (``lesion_rule`` = the case's, ``connectivity`` = the crop
+    store's)."""
+    labels, box = scan_label_map(raw_mask, lesion_rule, connectivity)
     if box is None:
         return {}
     return lesion_features(image, labels, spacing_zyx, params, [b.start for b in box])
