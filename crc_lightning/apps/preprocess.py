@@ -197,7 +197,7 @@ def validate(cfg: DictConfig) -> None:
     if kind not in SOURCES:
         raise UsageError(f"unknown data.kind {kind!r}; expected one of {sorted(SOURCES)}")
     key = _PATH_KEYS.get(kind)
-    if key:
+    if key and not cfg.get("merge"):  # a merge reads the shard parts, not the source
         value = OmegaConf.select(cfg, f"data.{key}", default=None)
         if value in (None, "", "???"):
             example = preprocess_command(cfg.data, with_store=False)

@@ -89,12 +89,13 @@ _PATH_KEY = re.compile(r"(^|_)(path|file|dir|dirpath|root|store|manifest)s?($|_)
 
 def validate(cfg: DictConfig) -> None:
     """Checks of a run config before any work or folder (Hydra callback ``ValidateConfig``, and
-    :func:`run` itself): numbers, the label set, the crop store (buildable when synthetic), the
+    :func:`run` itself): the optimised metric (validation only), numbers, the label set, the crop store (buildable when synthetic), the
     backbone's weights file (SimCLR: names the pretrain command)."""
     from crc_lightning.data.labels import LabelSet
     from crc_lightning.models.backbone import resolve_imagenet_file
     from crc_lightning.models.classifier import require_simclr_file, simclr_file
 
+    check_optimized_metric(cfg.get("optimized_metric"), cfg.get("optimized_mode", "max"))
     res = config_int(cfg, "res", minimum=1, example=64)
     config_int(cfg, "seed", example=0)
     config_int(cfg, "datamodule.batch_size", minimum=1, example=16)
@@ -396,7 +397,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ensure_store(cfg.data.store, synthetic_spec(cfg.data), preprocess_command(cfg.data))
     torch.set_flush_denormal(True)
     started = time.monotonic()
-    check_optimized_metric(cfg.get("optimized_metric"), cfg.get("optimized_mode", "max"))
     multirun = is_multirun()  # sweeps: no progress bars, one summary line per finished job
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -371,10 +371,9 @@ def test_splits_file_round_trip_and_validation(tmp_path):
     # two folds testing the same patient: each one is valid alone, together no partition
     def swap(d):
         a, b = d["folds"][0], d["folds"][1]
-        moved = b["test"].pop()
-        a["test"].append(moved)
-        a["train"].remove(moved) if moved in a["train"] else a["val"].remove(moved)
-        b["train"].append(moved)
+        twice = b["test"][-1]  # stays in b's test and joins a's: tested by two folds
+        a["test"].append(twice)
+        a["train"].remove(twice) if twice in a["train"] else a["val"].remove(twice)
 
     bad(swap, "not a partition")
     path.write_text("{not json")
