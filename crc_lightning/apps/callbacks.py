@@ -203,7 +203,8 @@ def select_per_group(
 ) -> list[dict[str, Any]]:
     """Model selection per (labels, variant, res) group — never across label sets, variants or
     resolutions. Within a group, the jobs of one *setting* (the same overrides but for seed,
-    ``split.fold``, ``split.repeat``) are its repeats: a setting's value is the mean of their
+    ``split.fold``, ``split.repeat``; overrides all of the group's jobs share are not listed) are
+    its repeats: a setting's value is the mean of their
     validation metric (None values left out), and settings are ranked by it.
 
     Returns one entry per group: ``{"group", "best": {"setting", "value", "n_jobs", "jobs"},
@@ -219,9 +220,12 @@ def select_per_group(
     out = []
     for key in sorted(groups):
         members = groups[key]
+        # overrides every job of the group shares (the store, epochs, …) tell no setting apart
+        shared = set.intersection(*(set(r["setting"]) for r in members))
         settings: dict[str, list[dict[str, Any]]] = {}
         for r in members:
-            settings.setdefault(json.dumps(r["setting"]), []).append(r)
+            own = [o for o in r["setting"] if o not in shared]
+            settings.setdefault(json.dumps(own), []).append(r)
         candidates = []
         for s_key, jobs in settings.items():
             values = [r["value"] for r in jobs if r["value"] is not None]

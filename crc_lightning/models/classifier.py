@@ -74,7 +74,8 @@ class DefinedClassAUROC(Metric):
         self.target.append(target.detach().long())
 
     def compute(self) -> torch.Tensor:
-        if not self.preds:
+        # a list before DDP synchronisation; one concatenated tensor after it (dist_reduce_fx=cat)
+        if isinstance(self.preds, list) and not self.preds:
             return torch.tensor(float("nan"))
         preds, target = dim_zero_cat(self.preds), dim_zero_cat(self.target)
         support = target.sum(dim=0)

@@ -330,13 +330,15 @@ def test_selection_is_per_group_and_averages_a_settings_seeds(tmp_path) -> None:
 FIT_DONE = "`Trainer.fit` stopped: `max_epochs=1` reached."  # a Lightning log line, rank 0 only
 
 
-def assert_logged_once(proc: subprocess.CompletedProcess, jobs: list[Path], log_name: str) -> None:
-    """Each job's Lightning log line is on the console once (not again through Lightning's own
-    handler) and in that job's log file once."""
+def assert_logged_once(
+    proc: subprocess.CompletedProcess, jobs: list[Path], log_name: str, fits: int = 1
+) -> None:
+    """Each of a job's ``fits`` Lightning fit-done lines (one per fold) is on the console once (not
+    again through Lightning's own handler) and in that job's log file once."""
     console = proc.stdout + proc.stderr
-    assert console.count(FIT_DONE) == len(jobs), console[-3000:]
+    assert console.count(FIT_DONE) == fits * len(jobs), console[-3000:]
     for job in jobs:
-        assert (job / log_name).read_text().count(FIT_DONE) == 1, job.name
+        assert (job / log_name).read_text().count(FIT_DONE) == fits, job.name
 
 
 def _single_device_eval(store: Path, job: Path, seed: int) -> tuple[pd.DataFrame, dict]:
@@ -410,7 +412,7 @@ def test_ddp_sim_sweep_runs_each_job_once_in_its_own_folder(store, tmp_path) -> 
     summary = [line for line in proc.stdout.splitlines() if line.startswith("[job ")]
     assert len(summary) == 2, proc.stdout[-2000:]  # one line per finished job, no progress bars
     assert "━" not in proc.stdout and "it/s" not in proc.stderr
-    assert_logged_once(proc, jobs, "run.log")
+    assert_logged_once(proc, jobs, "run.log", fits=2)  # split.n_splits=2: two folds per job
     selection = json.loads((sweep / "selection.json").read_text())
     vals = [json.loads((j / "metrics.json").read_text())["val"]["auc"] for j in jobs]
     (group,) = selection["groups"]  # two seeds of one setting: one group, one candidate
@@ -461,7 +463,7 @@ def test_pretrain_ddp_sim_sweep(store, tmp_path) -> None:
     ckpts = {str(d.relative_to(root)) for d in ckpt_dirs}
     assert outside == {
         "outputs", "outputs/pretrain", "outputs/pretrain/multiruns", "outputs/pretrain/checkpoints",
-        *ckpts, *(f"{c}/last.ckpt" for c in ckpts),
+        *ckpts, *(f"{c}/last.ckpt" for c in ckpts), *(f"{c}/run.json" for c in ckpts),
         "w", "w/simclr_res32_seed0.ckpt", "w/simclr_res32_seed1.ckpt",
     }  # fmt: skip
     assert not [p for p in tmp_path.rglob("lightning_logs")]
