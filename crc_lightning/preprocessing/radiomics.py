@@ -132,15 +132,18 @@ class RadiomicsParams:
 
 
 def scan_label_map(
-    raw_mask: np.ndarray, connectivity: int
+    raw_mask: np.ndarray, connectivity: int, rule: str = "components"
 ) -> tuple[np.ndarray, tuple[slice, slice, slice] | None]:
     """The lesion label map of a raw mask's non-zero box, and that box (None if empty).
+
+    ``rule``: the case's lesion rule (:mod:`crc_lightning.io.lesions`: ``components`` of a binary
+    mask, or ``instance`` ids), the one the crop store used for the same case.
 
     The one place this module decides what the lesions are — the call Algorithm 1 makes
     (:func:`crc_lightning.preprocessing.algorithm.preprocess_scan`), so lesion ``k`` here is
     lesion ``k`` of the crop store.
     """
-    return lesion_labels_in_box(raw_mask, connectivity)
+    return lesion_labels_in_box(raw_mask, rule, connectivity)
 
 
 def lesion_block(
@@ -314,10 +317,12 @@ def scan_features(
     spacing_zyx: Sequence[float],
     params: RadiomicsParams,
     connectivity: int = 26,
+    rule: str = "components",
 ) -> dict[int, dict[str, float]]:
     """:func:`lesion_features` of a scan as read (HU image and raw mask on one grid): the lesion
-    ids of :func:`scan_label_map` (``connectivity`` = the crop store's)."""
-    labels, box = scan_label_map(raw_mask, connectivity)
+    ids of :func:`scan_label_map` (``connectivity`` and the case's lesion ``rule`` = the crop
+    store's)."""
+    labels, box = scan_label_map(raw_mask, connectivity, rule)
     if box is None:
         return {}
     return lesion_features(image, labels, spacing_zyx, params, [b.start for b in box])

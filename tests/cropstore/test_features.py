@@ -61,7 +61,7 @@ def _write_case(root: Path, pid: str, seed: int) -> Case:
     img = write_nifti(Volume(np.rint(hu).astype(np.float32), SPACING), root / f"{pid}_ct.nii.gz")
     msk = write_nifti(Volume(mask, SPACING), root / f"{pid}_mask.nii.gz")
     genes = {"KRAS": seed % 2, "NRAS": 0, "BRAF": 0, "PIK3CA": 1 - seed % 2}
-    return Case(pid, pid, img, (msk,), {None: genes}, source="cohort")
+    return Case(pid, pid, img, (msk,), {None: genes}, source="cohort", lesion_rule="components")
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_table_has_one_row_per_lesion_with_the_crop_store_ids(store):
     # oracle: the pure function on the same CT and mask, lesion by lesion
     for case in cases:
         image, mask = case.load()
-        ref = scan_features(image.array, mask.array, image.spacing, PARAMS)
+        ref = scan_features(image.array, mask.array, image.spacing, PARAMS, rule=case.lesion_rule)
         rows = table[table.patient_id == case.patient_id].set_index("lesion")
         assert sorted(rows.index) == sorted(ref)
         for lesion, values in ref.items():
