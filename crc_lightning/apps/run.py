@@ -17,6 +17,14 @@ A thin Hydra shell over :func:`run`, which tests call with a composed config. On
    test predictions, per-fold validation, the split summary, config hash and package version),
    README "What each stage writes"; print the metrics.
 
+Lesion-level variants (:mod:`crc_lightning.apps.lesion_models`): ``variant=radiomics`` replaces
+step 2 by the radiomics model fitted on each fold's train patients (``models/fold<f>/``) and writes
+one row per lesion (``crop_id``/``slice`` empty); ``variant=fusion`` (or ``variant.fusion=true``)
+runs step 2 and then fits the same radiomics model per fold and late-fuses per lesion, ``w`` chosen
+on the fold's val lesions (``models/fold<f>/fusion.json``, ``metrics.json`` ``fusion``); its
+``predictions.csv`` / ``val_predictions.csv`` are the fused lesion rows, and each member's own rows
+are kept beside them (``predictions_deep.csv``, ``predictions_radiomics.csv``, ``val_…``).
+
 Under DDP (``trainer=ddp|ddp_sim``) the child rank runs the same folds in step; the process group
 lives for the whole job. A sweep re-run (``resume=true``) returns a finished job's stored metrics
 unless its resolved config, the package version, the crop store, the backbone weights file or the
@@ -59,6 +67,17 @@ from crc_lightning.apps._hydra import (
     track_loggers,
 )
 from crc_lightning.apps.callbacks import check_optimized_metric
+from crc_lightning.apps.lesion_models import (
+    RADIOMICS_WEIGHTS,
+    feature_key,
+    fit_fold,
+    fold_val_summary,
+    fuse_fold,
+    lesion_features,
+    validate_radiomics,
+    variant_kind,
+    variant_label,
+)
 from crc_lightning.apps.preprocess import ensure_store, preprocess_command, synthetic_spec
 from crc_lightning.apps.progress import progress_callbacks
 from crc_lightning.cropstore.format import store_facts
@@ -103,6 +122,11 @@ def validate(cfg: DictConfig) -> None:
     ensure_store(
         cfg.data.store, synthetic_spec(cfg.data), preprocess_command(cfg.data), build=False
     )
+    kind = variant_kind(cfg)
+    if kind != "deep":
+        validate_radiomics(cfg)
+    if kind == "radiomics":
+        return  # no backbone
     bb, attention = cfg.model.backbone, bool(cfg.model.attention)
     init = str(bb.weights)
     if init == "simclr":
@@ -127,13 +151,31 @@ def _drop_paths(node: Any) -> Any:
     return node
 
 
+def _unused_by(kind: str) -> tuple[str, ...]:
+    """Top-level nodes that cannot change the numbers of a job of this kind: a deep job never
+    reads ``radiomics``; a radiomics job trains no network (model, trainer, callbacks, input)."""
+    if kind == "deep":
+        return ("radiomics",)
+    if kind == "radiomics":
+        return ("model", "trainer", "callbacks", "input")
+    return ()
+
+
 def config_hash(cfg: DictConfig) -> str:
     """sha256 of the job's resolved config without paths, Hydra/launcher, logger and display keys.
 
     What it leaves out cannot change the numbers, or is checked by content instead (the crop store's
-    and the weights file's hashes): moving the data or the output folder keeps the hash.
+    and the weights file's hashes): moving the data or the output folder keeps the hash. Nodes the
+    job's variant never reads are left out too (:func:`_unused_by`), and ``variant.fusion: false``
+    (the default of the deep variants), so a deep job's hash is the one it had before fusion.
     """
-    tree = {str(k): _drop_paths(plain(cfg[k])) for k in cfg if str(k) not in HASH_SKIP_TOP}
+    kind = variant_kind(cfg)
+    skip = (*HASH_SKIP_TOP, *_unused_by(kind))
+    tree = {str(k): _drop_paths(plain(cfg[k])) for k in cfg if str(k) not in skip}
+    if kind == "deep" and isinstance(tree.get("variant"), dict):
+        tree["variant"] = {k: v for k, v in tree["variant"].items() if k != "fusion"}
+    if kind == "radiomics" and isinstance(tree.get("datamodule"), dict):
+        tree["datamodule"] = {"exclude_patients": tree["datamodule"].get("exclude_patients")}
     return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -157,6 +199,9 @@ def changed_inputs(stored: Mapping[str, Any], cfg: DictConfig, job_hash: str) ->
         path = Path(str(weights.get("file")))
         if not path.is_file() or sha256_file(path) != weights["sha256"]:
             return f"the backbone weights file {path.name} changed"
+    features = (stored.get("radiomics") or {}).get("settings_key")
+    if features and features != feature_key(cfg):
+        return "the radiomics feature settings or library version changed"
     split_file = cfg.split.get("file")
     path = Path(str(split_file)) if split_file else None
     digest = sha256_file(path) if path is not None and path.is_file() else None
@@ -389,7 +434,6 @@ def _mean_defined(values: Sequence[float | None]) -> float | None:
 @task_wrapper
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train every fold of the job, test each best epoch; returns the metrics.json dict."""
-    from crc_lightning.distributed import finish_job
     from crc_lightning.evaluation.aggregate import evaluate_levels
     from crc_lightning.tracking import log_final_metrics
 
@@ -413,11 +457,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.warning("resume: %s since metrics.json was written; training again", changed)
 
     plan, rows = plan_job(cfg)
-    check_simclr_pool(cfg, plan, rows)
+    kind = variant_kind(cfg)
+    if kind != "radiomics":
+        check_simclr_pool(cfg, plan, rows)
     facts = store_facts(cfg.data.store)
     classes = [str(c) for c in cfg.labels.classes]
+    variant = variant_label(cfg)
     meta = {
-        "variant": str(cfg.variant.name),
+        "variant": variant,
         "labels": OmegaConf.to_container(cfg.labels, resolve=True),
         "window": {k: float(v) for k, v in plain(cfg.input.window).items()},
         "normalize": {k: float(v) for k, v in plain(cfg.input.normalize).items()},
@@ -430,13 +477,125 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "config_hash": job_hash,
         "package_version": __version__,
     }
+    lesions = None
+    if kind != "deep":  # the feature cache: built by the first job of a sweep, read by the others
+        lesions = lesion_features(cfg, rows, classes, multirun)
 
     loggers = instantiate_loggers(cfg.get("logger"))
     track_loggers(loggers)
     for lg in loggers:
         lg.log_hyperparams(_public_hparams(cfg))
+    if kind == "radiomics":
+        jobs = _radiomics_folds(cfg, plan, lesions, classes, out_dir)
+    else:
+        jobs = _deep_folds(cfg, plan, meta, classes, loggers, multirun, out_dir, lesions)
+    folds, tests, vals = jobs["folds"], jobs["tests"], jobs["vals"]
+    is_zero, partial = jobs["is_zero"], jobs["partial"]
+    epochs = [f["best_epoch"] for f in folds if f["best_epoch"] is not None]
+
+    result: dict[str, Any] = {
+        "variant": variant,
+        "res": int(cfg.res),
+        "seed": int(cfg.seed),
+        "labels": str(cfg.labels.name),
+        "classes": classes,
+        "protocol": plan.protocol,
+        "split": plan.summary(),
+        "folds": folds,
+        "weights": jobs["weights"],
+        "data": meta["data"],
+        # one fold: its best epoch; several: the median over folds (each fold's is in "folds");
+        # radiomics: none (no epochs)
+        "best_epoch": int(np.median(epochs)) if epochs else None,
+        # inner validation at the best epoch; several folds: the mean over folds (selection)
+        "val": {k: _mean_defined([f["val"][k] for f in folds]) for k in ("loss", "auc")},
+    }
+    if lesions is not None:
+        result["radiomics"] = {**lesions[3], "fit_on": "train"}
+    if kind == "fusion":
+        result["fusion"] = jobs["fusion"]
+    result["config_hash"] = job_hash
+    result["package_version"] = __version__
+    if is_zero:
+        preds = pd.concat(tests, ignore_index=True)
+        tested = set(preds["patient_id"])
+        if not partial and tested != set(plan.test_patients()):
+            raise RuntimeError(
+                f"pooled predictions cover {len(tested)} patients, the folds test "
+                f"{len(plan.test_patients())}"
+            )
+        if plan.protocol == "cv" and not partial and _tested_twice(preds):
+            raise RuntimeError("a crop (or lesion) was tested in two folds")
+        result["metrics"] = evaluate_levels(preds, classes)
+        write_atomic(out_dir / "predictions.csv", preds.to_csv(index=False))
+        write_atomic(
+            out_dir / "val_predictions.csv",
+            pd.concat(vals, ignore_index=True).to_csv(index=False),
+        )
+        for name, frames in jobs.get("members", {}).items():  # fusion: each member's own rows
+            write_atomic(out_dir / name, pd.concat(frames, ignore_index=True).to_csv(index=False))
+        write_json(out_dir / "splits.json", plan.document())
+        write_json(metrics_path, result)  # last: its presence marks the job finished
+        log_final_metrics(loggers, result["metrics"], prefix="final/test/")
+        if multirun:
+            print(job_summary_line(result, time.monotonic() - started), flush=True)
+        elif bool(cfg.get("print_metrics", True)):
+            print(format_metrics(result))
+    return result
+
+
+def _tested_twice(preds: pd.DataFrame) -> bool:
+    """A crop row (``crop_id``) or a lesion row (lesion-level variants: ``crop_id`` empty) that
+    appears twice among the pooled test rows."""
+    crops = preds["crop_id"].notna()
+    lesions = preds.loc[~crops, ["patient_id", "lesion"]]
+    return bool(preds.loc[crops, "crop_id"].duplicated().any() or lesions.duplicated().any())
+
+
+def _radiomics_folds(
+    cfg: DictConfig, plan: Any, lesions: tuple, classes: list[str], out_dir: Path
+) -> dict[str, Any]:
+    """``variant=radiomics``: per fold, fit on its train patients, predict its val/test lesions."""
+    table, columns, y, _ = lesions
+    folds, tests, vals = [], [], []
+    for fold, split in plan.folds:
+        done = fit_fold(cfg, table, columns, y, classes, split, fold, out_dir)
+        folds.append(
+            {
+                "fold": int(fold),
+                "best_epoch": None,
+                "val": fold_val_summary(done["val"], classes),
+                "n_train_patients": len(split.train),
+                "n_val_patients": len(split.val),
+                "n_test_patients": len(split.test),
+            }
+        )
+        tests.append(done["test"])
+        vals.append(done["val"])
+        log.info("fold %d: radiomics model fitted on %d patients, val %s", fold,
+                 len(done["train_patients"]), folds[-1]["val"])  # fmt: skip
+    return {"folds": folds, "tests": tests, "vals": vals, "weights": dict(RADIOMICS_WEIGHTS),
+            "is_zero": True, "partial": False}  # fmt: skip
+
+
+def _deep_folds(
+    cfg: DictConfig,
+    plan: Any,
+    meta: dict[str, Any],
+    classes: list[str],
+    loggers: list,
+    multirun: bool,
+    out_dir: Path,
+    lesions: tuple | None = None,
+) -> dict[str, Any]:
+    """Train every fold's deep model; with ``lesions`` (fusion) also fit the fold's radiomics
+    model on the same train patients and fuse per lesion."""
+    from crc_lightning.distributed import finish_job
+
     several = len(plan.trained) > 1
     folds, tests, vals, weights_info = [], [], [], None
+    members: dict[str, list] = {}
+    fusion: dict[str, dict[str, float]] = {}
     trainers: list = []  # one per fold; under DDP the first one started the child ranks
     is_zero, partial = True, False
     try:
@@ -456,59 +615,39 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if is_zero:
                 partial = bool(trainer.fast_dev_run) or trainer.limit_test_batches != 1.0
                 val_partial = partial or trainer.limit_val_batches != 1.0
-                test = predictions_frame(dm.test_index, model.test_outputs, classes, partial)
-                val = predictions_frame(dm.val_index, model.val_outputs, classes, val_partial)
-                tests.append(_fold_frame(test, fold))
-                vals.append(_fold_frame(val, fold))
+                test = _fold_frame(
+                    predictions_frame(dm.test_index, model.test_outputs, classes, partial), fold
+                )
+                val = _fold_frame(
+                    predictions_frame(dm.val_index, model.val_outputs, classes, val_partial), fold
+                )
+                if lesions is None:
+                    tests.append(test)
+                    vals.append(val)
+                else:
+                    table, columns, y, _ = lesions
+                    rad = fit_fold(cfg, table, columns, y, classes, split, fold, out_dir)
+                    per_class = bool(cfg.radiomics.fusion.get("per_class", False))
+                    fused = fuse_fold(val, test, rad["val"], rad["test"], classes, fold,
+                                      per_class, out_dir)  # fmt: skip
+                    tests.append(fused["test"])
+                    vals.append(fused["val"])
+                    fusion[str(fold)] = fused["weights"]
+                    for name, frame in (("predictions_deep.csv", test),
+                                        ("val_predictions_deep.csv", val),
+                                        ("predictions_radiomics.csv", rad["test"]),
+                                        ("val_predictions_radiomics.csv", rad["val"])):  # fmt: skip
+                        members.setdefault(name, []).append(frame)
+                    log.info("fold %d: fusion weights (deep share) %s", fold, fused["weights"])
             log.info("fold %d: best epoch %d, val %s", fold, done["info"]["best_epoch"],
                      done["info"]["val"])  # fmt: skip
     finally:
         _set_log_prefix(loggers, "")
         if trainers and trainers[0].world_size > 1:
             finish_job(trainers[0])  # the next job of a sweep starts without a stale group
-
-    result: dict[str, Any] = {
-        "variant": str(cfg.variant.name),
-        "res": int(cfg.res),
-        "seed": int(cfg.seed),
-        "labels": str(cfg.labels.name),
-        "classes": classes,
-        "protocol": plan.protocol,
-        "split": plan.summary(),
-        "folds": folds,
-        "weights": weights_info,
-        "data": meta["data"],
-        # one fold: its best epoch; several: the median over folds (each fold's is in "folds")
-        "best_epoch": int(np.median([f["best_epoch"] for f in folds])),
-        # inner validation at the best epoch; several folds: the mean over folds (selection)
-        "val": {k: _mean_defined([f["val"][k] for f in folds]) for k in ("loss", "auc")},
-        "config_hash": job_hash,
-        "package_version": __version__,
-    }
-    if is_zero:
-        preds = pd.concat(tests, ignore_index=True)
-        tested = set(preds["patient_id"])
-        if not partial and tested != set(plan.test_patients()):
-            raise RuntimeError(
-                f"pooled predictions cover {len(tested)} patients, the folds test "
-                f"{len(plan.test_patients())}"
-            )
-        if plan.protocol == "cv" and not partial and preds["crop_id"].duplicated().any():
-            raise RuntimeError("a crop was tested in two folds")
-        result["metrics"] = evaluate_levels(preds, classes)
-        write_atomic(out_dir / "predictions.csv", preds.to_csv(index=False))
-        write_atomic(
-            out_dir / "val_predictions.csv",
-            pd.concat(vals, ignore_index=True).to_csv(index=False),
-        )
-        write_json(out_dir / "splits.json", plan.document())
-        write_json(metrics_path, result)  # last: its presence marks the job finished
-        log_final_metrics(loggers, result["metrics"], prefix="final/test/")
-        if multirun:
-            print(job_summary_line(result, time.monotonic() - started), flush=True)
-        elif bool(cfg.get("print_metrics", True)):
-            print(format_metrics(result))
-    return result
+    return {"folds": folds, "tests": tests, "vals": vals, "weights": weights_info,
+            "is_zero": is_zero, "partial": partial, "members": members,
+            "fusion": fusion}  # fmt: skip
 
 
 def _finite(x: Any) -> float | None:
