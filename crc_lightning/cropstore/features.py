@@ -176,7 +176,12 @@ def _feature_case(case: Any, stored_hash: str | None, job: _Job) -> _Outcome:
         if frame is None:
             image, raw_mask = case.load()
             feats = scan_features(
-                image.array, raw_mask.array, image.spacing, job.params, job.preprocess.connectivity
+                image.array,
+                raw_mask.array,
+                image.spacing,
+                job.params,
+                job.preprocess.connectivity,
+                case.lesion_rule,
             )
             frame = _case_frame(case, feats)
             buffer = io.BytesIO()

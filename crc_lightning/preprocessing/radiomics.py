@@ -132,15 +132,15 @@ class RadiomicsParams:
 
 
 def scan_label_map(
-    raw_mask: np.ndarray, connectivity: int
+    raw_mask: np.ndarray, connectivity: int, lesion_rule: str = "components"
 ) -> tuple[np.ndarray, tuple[slice, slice, slice] | None]:
     """The lesion label map of a raw mask's non-zero box, and that box (None if empty).
 
     The one place this module decides what the lesions are — the call Algorithm 1 makes
-    (:func:`crc_lightning.preprocessing.algorithm.preprocess_scan`), so lesion ``k`` here is
-    lesion ``k`` of the crop store.
+    (:func:`crc_lightning.preprocessing.algorithm.preprocess_scan`, with the case's lesion rule
+    ``components`` | ``instance``), so lesion ``k`` here is lesion ``k`` of the crop store.
     """
-    return lesion_labels_in_box(raw_mask, connectivity)
+    return lesion_labels_in_box(raw_mask, lesion_rule, connectivity)
 
 
 def lesion_block(
@@ -314,10 +314,12 @@ def scan_features(
     spacing_zyx: Sequence[float],
     params: RadiomicsParams,
     connectivity: int = 26,
+    lesion_rule: str = "components",
 ) -> dict[int, dict[str, float]]:
     """:func:`lesion_features` of a scan as read (HU image and raw mask on one grid): the lesion
-    ids of :func:`scan_label_map` (``connectivity`` = the crop store's)."""
-    labels, box = scan_label_map(raw_mask, connectivity)
+    ids of :func:`scan_label_map` (``connectivity`` = the crop store's, ``lesion_rule`` = the
+    case's)."""
+    labels, box = scan_label_map(raw_mask, connectivity, lesion_rule)
     if box is None:
         return {}
     return lesion_features(image, labels, spacing_zyx, params, [b.start for b in box])

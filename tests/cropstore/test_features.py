@@ -61,7 +61,7 @@ def _write_case(root: Path, pid: str, seed: int) -> Case:
     img = write_nifti(Volume(np.rint(hu).astype(np.float32), SPACING), root / f"{pid}_ct.nii.gz")
     msk = write_nifti(Volume(mask, SPACING), root / f"{pid}_mask.nii.gz")
     genes = {"KRAS": seed % 2, "NRAS": 0, "BRAF": 0, "PIK3CA": 1 - seed % 2}
-    return Case(pid, pid, img, (msk,), {None: genes}, source="cohort")
+    return Case(pid, pid, img, (msk,), {None: genes}, source="cohort", lesion_rule="components")
 
 
 @pytest.fixture

@@ -102,7 +102,7 @@ def test_lesion_ids_follow_the_crop_store_rule():
         assert f[N_VOXELS] == np.count_nonzero(ref == lesion)
         assert f["shape_VoxelVolume"] == pytest.approx(f[N_VOXELS] * 2.0 * 0.8 * 0.8)
     instance = np.where(ref == 1, 7, np.where(ref == 2, 4, 0)).astype(np.int32)
-    feats = scan_features(image, instance, spacing, NATIVE)
+    feats = scan_features(image, instance, spacing, NATIVE, lesion_rule="instance")
     assert sorted(feats) == [4, 7]
     assert feats[7][N_VOXELS] == np.count_nonzero(ref == 1)
 
