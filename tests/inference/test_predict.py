@@ -148,7 +148,14 @@ def test_app_single_patient_writes_the_contract_files(trained, tmp_path, capsys)
     summary = predict(cfg)
     lesions = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})
     slices = pd.read_csv(out / "predictions_slices.csv", dtype={"patient_id": str})
-    assert list(lesions.columns) == ["patient_id", "lesion", "n_slices", *PCOLS]
+    spread = [f"{c}_{s}" for c in PCOLS for s in ("sd", "min", "max")]
+    assert list(lesions.columns) == ["patient_id", "lesion", "n_slices", *PCOLS, *spread,
+                                     "n_members"]  # fmt: skip
+    # one checkpoint = an ensemble of one: no spread, its probabilities are the range
+    scored = lesions.query("n_slices > 0")
+    assert (scored["n_members"] == 1).all() and (scored[[f"{c}_sd" for c in PCOLS]] == 0).all(None)
+    for c in PCOLS:
+        assert (scored[f"{c}_min"] == scored[c]).all() and (scored[f"{c}_max"] == scored[c]).all()
     assert list(slices.columns) == ["patient_id", "lesion", "slice", "area_mm2", *PCOLS]
     assert set(lesions["patient_id"]) == {pid} == set(slices["patient_id"])
     exp = trained["run_preds"].query("patient_id == @pid").groupby("lesion")[PCOLS].mean()
