@@ -212,7 +212,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         console.print(format_info(card))
         return {"info": card, "members": _members(ensemble)}
     if folder:
-        console.print(ensemble.describe())
+        console.print(ensemble.describe(), soft_wrap=True, markup=False, highlight=False)
 
     manifest, image = cfg.get("manifest"), cfg.get("image")
     if manifest and (image or cfg.get("mask")):
