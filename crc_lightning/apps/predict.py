@@ -9,14 +9,19 @@ at a time):
    input normalisation are *read from it*, so prediction repeats the training preprocessing exactly;
    explicitly given expectations (``res=``, ``window.width=``, ``preprocess.epsilon=`` …) that
    disagree with it are refused;
-2. each scan is predicted (:func:`~crc_lightning.inference.predictor.predict_volumes`);
-   ``predictions.csv`` gets one row per lesion (``patient_id,lesion,n_slices,p_<CLASS>...``),
+   ``checkpoint=`` may also be a job folder (an ensemble of its folds) or a sweep folder (every
+   finished job below it): :mod:`crc_lightning.inference.ensemble`;
+2. each scan is preprocessed once and predicted by every member
+   (:func:`~crc_lightning.inference.predictor.predict_ensemble`); ``predictions.csv`` gets one row
+   per lesion (``patient_id,lesion,n_slices,p_<CLASS>...`` = the members' mean, then
+   ``p_<CLASS>_sd/_min/_max`` across members and ``n_members``),
    ``predictions_slices.csv`` one row per included slice; both are written patient by patient into
    temporary files that replace the outputs only when all patients are done, so memory does not
    grow with the cohort and a failed run leaves nothing half-written;
 3. optionally a saliency PNG per lesion.
 
-``--info`` (or ``info=true``) prints what the checkpoint describes and stops.
+``--info`` (or ``info=true``) prints the members (for a folder) and what the checkpoint describes,
+and stops.
 """
 
 from __future__ import annotations

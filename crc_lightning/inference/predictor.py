@@ -8,7 +8,10 @@ For one scan already read (image in HU, raw lesion mask on the same grid):
    lesion's slices (:func:`~crc_lightning.preprocessing.algorithm.preprocess_scan`) with the
    parameters *read from the model card*, crops are windowed, resized and normalised exactly as
    ``CropDataModule`` does for the test set (:func:`model_inputs`);
-2. slice probabilities (sigmoid per class) are computed in batches and averaged per lesion;
+2. slice probabilities (sigmoid per class) are computed in batches and averaged per lesion; with
+   several members (:mod:`.ensemble`: the folds of a job, the jobs of a sweep, radiomics and fusion
+   models) the scan is preprocessed once, every member scores it and the lesion probability is
+   the members' mean, with their SD / min / max (:func:`predict_ensemble`);
 3. optionally a saliency PNG per lesion (Grad-CAM, or the attention map of ``+SA`` models,
    :mod:`.saliency`) on the lesion's central crop (its included slice with the largest area).
 
