@@ -119,35 +119,23 @@ def predict_volumes(
     image: Volume,
     raw_mask: Volume,
     patient_id: str,
-    *,
-    batch_size: int = 64,
-    saliency_dir: str | Path | None = None,
-    saliency_class: str | None = None,
-    lesion_rule: str = "components",
+    **options: Any,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(lesion rows, slice rows) for one scan already read (image HU, raw lesion mask, same grid).
 
-    ``lesion_rule``: ``components`` (26-connected components of ``mask > 0``) or ``instance``
-    (one lesion per mask value). A lesion none of whose slices passes Algorithm 1 (too small after
-    cleaning / ε) gets a lesion row with ``n_slices = 0`` and empty probabilities, so no lesion
-    silently disappears. When the CT's spacing is outside the training range a warning is logged
-    (no patient id) and kept in ``lesions.attrs["spacing_warning"]``. One model: the lesion rows
-    are ``patient_id, lesion, n_slices, p_<CLASS>...`` (:func:`predict_ensemble` adds the spread).
+    ``options`` (keyword only), as for :func:`predict_ensemble`: ``batch_size`` (64),
+    ``saliency_dir`` / ``saliency_class`` (None), ``lesion_rule``: ``components`` (the default:
+    26-connected components of ``mask > 0``) or ``instance`` (one lesion per mask value). A lesion
+    none of whose slices passes Algorithm 1 (too small after cleaning / ε) gets a lesion row with
+    ``n_slices = 0`` and empty probabilities, so no lesion silently disappears. When the CT's
+    spacing is outside the training range a warning is logged (no patient id) and kept in
+    ``lesions.attrs["spacing_warning"]``. One model: the lesion rows are
+    ``patient_id, lesion, n_slices, p_<CLASS>...`` (:func:`predict_ensemble` adds the spread).
     """
     card = dict(card)
-    member = DeepMember(model, card, {"kind": "deep"})
-    ensemble = Ensemble(Path(str((card.get("source") or {}).get("file") or "model")), "checkpoint",
-                        [member], card)  # fmt: skip
-    lesions, slices = predict_ensemble(
-        ensemble,
-        image,
-        raw_mask,
-        patient_id,
-        batch_size=batch_size,
-        saliency_dir=saliency_dir,
-        saliency_class=saliency_class,
-        lesion_rule=lesion_rule,
-    )
+    source = Path(str((card.get("source") or {}).get("file") or "model"))
+    ensemble = Ensemble(source, "checkpoint", [DeepMember(model, card, {"kind": "deep"})], card)
+    lesions, slices = predict_ensemble(ensemble, image, raw_mask, patient_id, **options)
     pcols = [f"p_{c}" for c in ensemble.classes]
     out = lesions[[*LESION_ID_COLUMNS, *pcols]].copy()
     out.attrs["spacing_warning"] = lesions.attrs.get("spacing_warning")

@@ -14,7 +14,6 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 
 from crc_lightning.apps.predict import predict
 from crc_lightning.apps.run import run
@@ -29,7 +28,7 @@ from crc_lightning.preprocessing.algorithm import PreprocessParams, preprocess_s
 from crc_lightning.preprocessing.radiomics import RadiomicsParams, scan_features
 from crc_lightning.sources.manifest import read_manifest
 from crc_lightning.sources.synthetic import ensure_synthetic_cohort
-from tests.helpers.config import CONF_DIR
+from tests.helpers.config import compose_app
 
 CLASSES = ["KRAS", "NRAS", "BRAF", "PIK3CA", "OTHER"]
 PCOLS = [f"p_{c}" for c in CLASSES]
@@ -37,17 +36,8 @@ FEATURES = {"feature_classes": ["shape", "firstorder"], "resample_mm": None}  # 
 FUSION_W = {"KRAS": 0.2, "NRAS": 0.4, "BRAF": 0.5, "PIK3CA": 0.7, "OTHER": 0.9}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def compose_cfg(name: str, *overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(name, overrides=list(overrides))
+    return compose_app(name, *overrides)
 
 
 def _features(image_path: Path, mask_path: Path) -> dict[int, dict[str, float]]:

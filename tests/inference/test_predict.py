@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from crc_lightning.apps.predict import predict, rewrite_argv
 from crc_lightning.apps.run import run
@@ -35,27 +34,15 @@ from crc_lightning.models.checkpoint import (
 from crc_lightning.models.classifier import MutationClassifier
 from crc_lightning.sources.manifest import read_manifest
 from crc_lightning.sources.synthetic import ensure_synthetic_cohort
-from tests.helpers.config import CONF_DIR
+from tests.helpers.config import compose_app
 
 ROOT = Path(__file__).resolve().parents[2]
-CONF = CONF_DIR
 CLASSES = ["KRAS", "NRAS", "BRAF", "PIK3CA", "OTHER"]
 PCOLS = [f"p_{c}" for c in CLASSES]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on this shared 2-core machine OpenMP barriers with 2 threads make
-    EfficientNet forwards ~50× slower under load; results do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def compose_cfg(name: str, *overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(name, overrides=list(overrides))
+    return compose_app(name, *overrides)
 
 
 @pytest.fixture(scope="module")
