@@ -9,14 +9,19 @@ at a time):
    input normalisation are *read from it*, so prediction repeats the training preprocessing exactly;
    explicitly given expectations (``res=``, ``window.width=``, ``preprocess.epsilon=`` …) that
    disagree with it are refused;
-2. each scan is predicted (:func:`~crc_lightning.inference.predictor.predict_volumes`);
-   ``predictions.csv`` gets one row per lesion (``patient_id,lesion,n_slices,p_<CLASS>...``),
+   ``checkpoint=`` may also be a job folder (an ensemble of its folds) or a sweep folder (every
+   finished job below it): :mod:`crc_lightning.inference.ensemble`;
+2. each scan is preprocessed once and predicted by every member
+   (:func:`~crc_lightning.inference.predictor.predict_ensemble`); ``predictions.csv`` gets one row
+   per lesion (``patient_id,lesion,n_slices,p_<CLASS>...`` = the members' mean, then
+   ``p_<CLASS>_sd/_min/_max`` across members and ``n_members``),
    ``predictions_slices.csv`` one row per included slice; both are written patient by patient into
    temporary files that replace the outputs only when all patients are done, so memory does not
    grow with the cohort and a failed run leaves nothing half-written;
 3. optionally a saliency PNG per lesion.
 
-``--info`` (or ``info=true``) prints what the checkpoint describes and stops.
+``--info`` (or ``info=true``) prints the members (for a folder) and what the checkpoint describes,
+and stops.
 """
 
 from __future__ import annotations
@@ -36,35 +41,48 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from crc_lightning.apps._hydra import CONF_DIR, plain, run_app
+from crc_lightning.inference.ensemble import Ensemble, load_ensemble, spread_columns
 from crc_lightning.inference.predictor import (
     LESION_ID_COLUMNS,
     SLICE_ID_COLUMNS,
     CsvAppender,
     format_info,
+    format_members,
     manifest_patients,
-    predict_volumes,
+    predict_ensemble,
     read_options,
     single_patient,
 )
 from crc_lightning.io.files import write_json
-from crc_lightning.models.checkpoint import check_expectations, load_model
+from crc_lightning.models.checkpoint import check_expectations
 
 log = logging.getLogger(__name__)
 
 __all__ = ["expectations_from_config", "main", "predict", "rewrite_argv"]
 
 _EXPECTATION_KEYS = ("res", "window", "normalize", "preprocess")
+_CHECKPOINT_HINT = (
+    "a .ckpt from `python -m crc_lightning.run`, an export, or a job / sweep folder of run"
+)
 
 
-def _fmt_p(x: float) -> str:
-    return "  -  " if not np.isfinite(x) else f"{x:.3f}"
+def _fmt_p(x: float, sd: float | None = None) -> str:
+    if not np.isfinite(x):
+        return "  -  "
+    return f"{x:.3f}" if sd is None else f"{x:.3f} ± {sd:.3f}"
 
 
-def _patient_table(lesions: pd.DataFrame, classes: list[str]) -> Any:
+def _patient_table(lesions: pd.DataFrame, classes: list[str], n_members: int = 1) -> Any:
+    """One patient's lesions on the console; an ensemble's cells read ``p ± SD`` across members."""
     from rich.table import Table
 
     pid = lesions["patient_id"].iat[0] if len(lesions) else ""
-    table = Table(title=f"patient {pid}", title_justify="left")
+    caption = (
+        f"p ± SD across the {n_members} members (min, max in predictions.csv)"
+        if n_members > 1
+        else None
+    )
+    table = Table(title=f"patient {pid}", title_justify="left", caption=caption)
     table.add_column("lesion", justify="right")
     table.add_column("slices", justify="right")
     for c in classes:
@@ -72,8 +90,9 @@ def _patient_table(lesions: pd.DataFrame, classes: list[str]) -> Any:
     table.add_column("most likely")
     for _, r in lesions.iterrows():
         p = np.array([r[f"p_{c}"] for c in classes], dtype=float)
+        sd = [float(r[f"p_{c}_sd"]) if n_members > 1 else None for c in classes]
         best = classes[int(np.argmax(p))] if r["n_slices"] > 0 else "no slice passed Algorithm 1"
-        table.add_row(str(r["lesion"]), str(r["n_slices"]), *map(_fmt_p, p), best)
+        table.add_row(str(r["lesion"]), str(r["n_slices"]), *map(_fmt_p, p, sd), best)
     return table
 
 
@@ -120,9 +139,9 @@ def validate(cfg: DictConfig) -> None:
     from crc_lightning.apps._hydra import config_int
     from crc_lightning.io.errors import InputError
 
-    ckpt = _require(cfg, "checkpoint", "a .ckpt from `python -m crc_lightning.run` or an export")
-    if not ckpt.is_file():
-        raise InputError(ckpt, "no such checkpoint file (checkpoint=)")
+    ckpt = _require(cfg, "checkpoint", _CHECKPOINT_HINT)
+    if not ckpt.exists():
+        raise InputError(ckpt, "no such checkpoint file or job/sweep folder (checkpoint=)")
     config_int(cfg, "batch_size", minimum=1, example=64)
     if cfg.get("res") is not None:
         config_int(cfg, "res", minimum=1, example=64)
@@ -158,6 +177,7 @@ def _patient_page(
     classes: list[str],
     card: dict[str, Any],
     saliency_dir: Path | None,
+    n_members: int = 1,
 ) -> Path:
     """``patients/<patient>.html``: the patient's lesion table and saliency overlays, one
     self-contained page (images embedded), rendered like the report."""
@@ -172,22 +192,32 @@ def _patient_page(
             if path.is_file():
                 images[int(lesion)] = os.path.relpath(path, pages_dir)
     page = pages_dir / patient_page_name(pid)
-    return write_html(patient_markdown(lesions, classes, card, images), page, base_dir=page.parent)
+    text = patient_markdown(lesions, classes, card, images, n_members=n_members)
+    return write_html(text, page, base_dir=page.parent)
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Run the predict app on a composed config; returns a summary (no patient ids).
 
-    ``info=true``: print the checkpoint's model card and return it (nothing written).
+    ``checkpoint=``: a checkpoint file, a job folder (one member per fold) or a sweep folder (every
+    finished job below it): :func:`~crc_lightning.inference.ensemble.load_ensemble`.
+    ``info=true``: print the members (folders) and the model card and return them (nothing
+    written).
     """
     torch.set_flush_denormal(True)  # as in run: denormal activations slow CPU inference ~10×
-    ckpt = _require(cfg, "checkpoint", "a .ckpt from `python -m crc_lightning.run` or an export")
-    model, card = load_model(ckpt, device=_device(str(cfg.get("device", "auto"))))
+    ckpt = _require(cfg, "checkpoint", _CHECKPOINT_HINT)
+    ensemble = load_ensemble(ckpt, device=_device(str(cfg.get("device", "auto"))))
+    card = ensemble.card
     check_expectations(card, expectations_from_config(cfg), ckpt)
     console = _console()
+    folder = ensemble.kind != "checkpoint"
     if bool(cfg.get("info", False)):
+        if folder:
+            console.print(format_members(ensemble))
         console.print(format_info(card))
-        return {"info": card}
+        return {"info": card, "members": _members(ensemble)}
+    if folder:
+        console.print(ensemble.describe(), soft_wrap=True, markup=False, highlight=False)
 
     manifest, image = cfg.get("manifest"), cfg.get("image")
     if manifest and (image or cfg.get("mask")):
@@ -207,9 +237,11 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 
     out_dir = Path(str(cfg.paths.output_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
-    classes = [str(c) for c in card["class_names"]]
+    classes = ensemble.classes
     pcols = [f"p_{c}" for c in classes]
-    saliency_dir = out_dir / "saliency" if bool(cfg.get("saliency", True)) else None
+    n_members = len(ensemble.members)
+    saliency = bool(cfg.get("saliency", True)) and bool(ensemble.deep_models)
+    saliency_dir = out_dir / "saliency" if saliency else None
     kwargs = {
         "batch_size": int(cfg.get("batch_size", 64)),
         "saliency_dir": saliency_dir,
@@ -223,15 +255,16 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     pages_dir = out_dir / "patients" if bool(cfg.get("html", True)) else None
     pages: list[Path] = []
     with (
-        CsvAppender(out_dir / "predictions.csv", [*LESION_ID_COLUMNS, *pcols]) as lesion_out,
+        CsvAppender(
+            out_dir / "predictions.csv", [*LESION_ID_COLUMNS, *pcols, *spread_columns(classes)]
+        ) as lesion_out,
         CsvAppender(out_dir / "predictions_slices.csv", [*SLICE_ID_COLUMNS, *pcols]) as slice_out,
     ):
         try:
             for i, patient in enumerate(patients, 1):
                 image_vol, mask_vol = patient.load()
-                lesions, slices = predict_volumes(
-                    model,
-                    card,
+                lesions, slices = predict_ensemble(
+                    ensemble,
                     image_vol,
                     mask_vol,
                     patient.patient_id,
@@ -245,9 +278,11 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
                 n_lesions += len(lesions)
                 n_slices += len(slices)
                 if bool(cfg.get("print_table", True)):
-                    console.print(_patient_table(lesions, classes))
+                    console.print(_patient_table(lesions, classes, n_members))
                 if pages_dir is not None:
-                    pages.append(_patient_page(pages_dir, lesions, classes, card, saliency_dir))
+                    pages.append(
+                        _patient_page(pages_dir, lesions, classes, card, saliency_dir, n_members)
+                    )
                 log.info("patient %d/%d done", i, len(patients))
         except BaseException:
             if saliency_dir is not None and saliency_dir.is_dir():
@@ -258,6 +293,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             raise
     summary = {
         "checkpoint": card,
+        "members": _members(ensemble),
         "n_patients": len(patients),
         "n_lesions": n_lesions,
         "n_slices": n_slices,
@@ -275,6 +311,12 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         f"{len(patients)} patient(s), {n_lesions} lesion(s), {n_slices} slice(s) → {out_dir}"
     )
     return summary
+
+
+def _members(ensemble: Ensemble) -> list[dict[str, Any]]:
+    """The members as plain JSON (predict.json, ``--info``'s return value)."""
+    keys = ("job", "fold", "seed", "variant", "kind", "path", "n_train_patients")
+    return [{k: m.info.get(k) for k in keys} for m in ensemble.members]
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")

@@ -8,7 +8,10 @@ For one scan already read (image in HU, raw lesion mask on the same grid):
    lesion's slices (:func:`~crc_lightning.preprocessing.algorithm.preprocess_scan`) with the
    parameters *read from the model card*, crops are windowed, resized and normalised exactly as
    ``CropDataModule`` does for the test set (:func:`model_inputs`);
-2. slice probabilities (sigmoid per class) are computed in batches and averaged per lesion;
+2. slice probabilities (sigmoid per class) are computed in batches and averaged per lesion; with
+   several members (:mod:`.ensemble`: the folds of a job, the jobs of a sweep, radiomics and fusion
+   models) the scan is preprocessed once, every member scores it and the lesion probability is
+   the members' mean, with their SD / min / max (:func:`predict_ensemble`);
 3. optionally a saliency PNG per lesion (Grad-CAM, or the attention map of ``+SA`` models,
    :mod:`.saliency`) on the lesion's central crop (its included slice with the largest area).
 
@@ -39,15 +42,17 @@ from torch import nn
 from crc_lightning.cropstore.format import GENES
 from crc_lightning.data.augment import normalize
 from crc_lightning.data.inputs import crops_to_tensor, window
+from crc_lightning.inference.ensemble import (
+    CaseInputs,
+    DeepMember,
+    Ensemble,
+    combine,
+    spread_columns,
+)
 from crc_lightning.io import InputError, ReadOptions, Volume, read_image, read_mask
 from crc_lightning.io.files import atomic_path
 from crc_lightning.io.lesions import check_rule
-from crc_lightning.preprocessing.algorithm import (
-    Crop,
-    LesionStats,
-    PreprocessParams,
-    preprocess_scan,
-)
+from crc_lightning.preprocessing.algorithm import Crop, PreprocessParams, preprocess_scan
 from crc_lightning.sources.manifest import BASE_COLUMNS, read_manifest
 
 __all__ = [
@@ -56,11 +61,14 @@ __all__ = [
     "CsvAppender",
     "Patient",
     "format_info",
+    "format_members",
     "manifest_patients",
     "model_inputs",
     "patient_id_from_path",
     "predict_case",
+    "predict_ensemble",
     "predict_volumes",
+    "prepare_case",
     "single_patient",
     "spacing_warning",
 ]
@@ -85,22 +93,57 @@ def model_inputs(crops: Sequence[Crop], card: Mapping[str, Any]) -> torch.Tensor
     return normalize(grey, card["normalize"]["mean"], card["normalize"]["std"])
 
 
-@torch.inference_mode()
-def _probabilities(model: nn.Module, x: torch.Tensor, batch_size: int) -> np.ndarray:
-    device = next(model.parameters()).device
-    parts = [
-        torch.sigmoid(model(x[i : i + batch_size].to(device))).float().cpu()
-        for i in range(0, len(x), max(int(batch_size), 1))
-    ]
-    return torch.cat(parts).numpy() if parts else np.zeros((0, 0), np.float32)
-
-
 # --------------------------------------------------------------------------- one patient
+
+
+def prepare_case(
+    card: Mapping[str, Any],
+    image: Volume,
+    raw_mask: Volume,
+    patient_id: str,
+    lesion_rule: str = "components",
+    model_input: bool = True,
+) -> CaseInputs:
+    """One scan read and preprocessed once for every member of an ensemble: Algorithm 1 with the
+    card's parameters and, when ``model_input`` (some member is a deep model), the model input."""
+    params = PreprocessParams.from_config(card["preprocess"])
+    rule = check_rule(lesion_rule)
+    crops, stats = preprocess_scan(image.array, raw_mask.array, image.spacing, params, rule)
+    x = model_inputs(crops, card) if crops and model_input else None
+    return CaseInputs(str(patient_id), image, raw_mask, rule, crops, stats, x)
 
 
 def predict_volumes(
     model: nn.Module,
     card: Mapping[str, Any],
+    image: Volume,
+    raw_mask: Volume,
+    patient_id: str,
+    **options: Any,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(lesion rows, slice rows) for one scan already read (image HU, raw lesion mask, same grid).
+
+    ``options`` (keyword only), as for :func:`predict_ensemble`: ``batch_size`` (64),
+    ``saliency_dir`` / ``saliency_class`` (None), ``lesion_rule``: ``components`` (the default:
+    26-connected components of ``mask > 0``) or ``instance`` (one lesion per mask value). A lesion
+    none of whose slices passes Algorithm 1 (too small after cleaning / ε) gets a lesion row with
+    ``n_slices = 0`` and empty probabilities, so no lesion silently disappears. When the CT's
+    spacing is outside the training range a warning is logged (no patient id) and kept in
+    ``lesions.attrs["spacing_warning"]``. One model: the lesion rows are
+    ``patient_id, lesion, n_slices, p_<CLASS>...`` (:func:`predict_ensemble` adds the spread).
+    """
+    card = dict(card)
+    source = Path(str((card.get("source") or {}).get("file") or "model"))
+    ensemble = Ensemble(source, "checkpoint", [DeepMember(model, card, {"kind": "deep"})], card)
+    lesions, slices = predict_ensemble(ensemble, image, raw_mask, patient_id, **options)
+    pcols = [f"p_{c}" for c in ensemble.classes]
+    out = lesions[[*LESION_ID_COLUMNS, *pcols]].copy()
+    out.attrs["spacing_warning"] = lesions.attrs.get("spacing_warning")
+    return out, slices
+
+
+def predict_ensemble(
+    ensemble: Ensemble,
     image: Volume,
     raw_mask: Volume,
     patient_id: str,
@@ -110,42 +153,61 @@ def predict_volumes(
     saliency_class: str | None = None,
     lesion_rule: str = "components",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(lesion rows, slice rows) for one scan already read (image HU, raw lesion mask, same grid).
+    """:func:`predict_volumes` for every member of ``ensemble`` on one preprocessing of the scan.
 
-    ``lesion_rule``: ``components`` (26-connected components of ``mask > 0``) or ``instance``
-    (one lesion per mask value). A lesion none of whose slices passes Algorithm 1 (too small after
-    cleaning / ε) gets a lesion row with ``n_slices = 0`` and empty probabilities, so no lesion
-    silently disappears. When the CT's spacing is outside the training range a warning is logged
-    (no patient id) and kept in ``lesions.attrs["spacing_warning"]``.
+    Lesion rows: ``patient_id, lesion, n_slices, p_<CLASS>...`` — the mean over members of each
+    member's lesion probability — then ``p_<CLASS>_sd`` / ``_min`` / ``_max`` across members
+    (population SD: 0 for one member) and ``n_members`` (members that scored the lesion). Slice
+    rows: the mean over the members with a deep model (deep, and fusion's deep part) of their
+    slice probabilities (NaN when no member has one). Saliency: the members' maps averaged.
     """
-    classes = [str(c) for c in card["class_names"]]
+    card = ensemble.card
+    classes = ensemble.classes
     pcols = [f"p_{c}" for c in classes]
-    params = PreprocessParams.from_config(card["preprocess"])
     warning = spacing_warning(card, image.spacing)
     if warning:
         log.warning("%s", warning)
-    crops, stats = preprocess_scan(
-        image.array, raw_mask.array, image.spacing, params, check_rule(lesion_rule)
-    )
-    if crops:
-        x = model_inputs(crops, card)
-        prob = _probabilities(model, x, batch_size)
+    models = ensemble.deep_models
+    case = prepare_case(card, image, raw_mask, patient_id, lesion_rule, bool(models))
+    outputs = [m.predict(case, batch_size) for m in ensemble.members]
+    stats = combine([lesion_p for lesion_p, _ in outputs])
+    per_slice = [slice_p for _, slice_p in outputs if slice_p is not None]
+    if len(per_slice) == 1:
+        slice_p = per_slice[0]
+    elif per_slice:
+        slice_p = np.mean(np.stack(per_slice), axis=0)
     else:
-        x, prob = None, np.zeros((0, len(classes)), np.float32)
+        slice_p = np.full((len(case.crops), len(classes)), np.nan, np.float32)
     slices = pd.DataFrame(
         {
-            "patient_id": [str(patient_id)] * len(crops),
-            "lesion": [c.lesion for c in crops],
-            "slice": [c.slice for c in crops],
-            "area_mm2": [c.area_mm2 for c in crops],
+            "patient_id": [case.patient_id] * len(case.crops),
+            "lesion": [c.lesion for c in case.crops],
+            "slice": [c.slice for c in case.crops],
+            "area_mm2": [c.area_mm2 for c in case.crops],
         }
     )
     for i, col in enumerate(pcols):
-        slices[col] = prob[:, i] if len(crops) else np.zeros(0, np.float32)
-    lesions = _lesion_rows(slices, stats, str(patient_id), pcols)
+        slices[col] = slice_p[:, i] if len(case.crops) else np.zeros(0, np.float32)
+    counts = case.n_slices()
+    lesions = pd.DataFrame(
+        {
+            "patient_id": [case.patient_id] * len(case.lesions),
+            "lesion": case.lesions,
+            "n_slices": [counts[lesion] for lesion in case.lesions],
+        }
+    )
+    for i, c in enumerate(classes):
+        lesions[f"p_{c}"] = stats["p"][:, i]
+    for i, c in enumerate(classes):
+        for key in ("sd", "min", "max"):
+            lesions[f"p_{c}_{key}"] = stats[key][:, i]
+    lesions["n_members"] = stats["n"]
+    lesions = lesions[[*LESION_ID_COLUMNS, *pcols, *spread_columns(classes)]]
     lesions.attrs["spacing_warning"] = warning
-    if saliency_dir is not None and x is not None:
-        _write_saliency(model, card, crops, x, lesions, slices, Path(saliency_dir), saliency_class)
+    if saliency_dir is not None and case.x is not None and models:
+        _write_saliency(
+            models, card, case.crops, case.x, lesions, slices, Path(saliency_dir), saliency_class
+        )
     return lesions, slices
 
 
@@ -168,28 +230,8 @@ def spacing_warning(card: Mapping[str, Any], spacing: Sequence[float]) -> str | 
     )
 
 
-def _lesion_rows(
-    slices: pd.DataFrame, stats: Sequence[LesionStats], patient_id: str, pcols: list[str]
-) -> pd.DataFrame:
-    """Mean slice probability per lesion, every lesion of ``stats`` in lesion order."""
-    means = slices.groupby("lesion", sort=True)[pcols].mean() if len(slices) else None
-    counts = slices.groupby("lesion").size() if len(slices) else pd.Series(dtype=int)
-    rows = []
-    for s in sorted(stats, key=lambda s: s.lesion):
-        row: dict[str, Any] = {
-            "patient_id": patient_id,
-            "lesion": int(s.lesion),
-            "n_slices": int(counts.get(s.lesion, 0)),
-        }
-        for col in pcols:
-            has = means is not None and s.lesion in means.index
-            row[col] = float(means.at[s.lesion, col]) if has else float("nan")
-        rows.append(row)
-    return pd.DataFrame(rows, columns=[*LESION_ID_COLUMNS, *pcols])
-
-
 def _write_saliency(
-    model: nn.Module,
+    models: Sequence[nn.Module],
     card: Mapping[str, Any],
     crops: Sequence[Crop],
     x: torch.Tensor,
@@ -199,13 +241,12 @@ def _write_saliency(
     saliency_class: str | None,
 ) -> list[Path]:
     """One PNG per lesion on its central crop: the included slice with the largest area."""
-    from crc_lightning.inference.saliency import saliency_map, save_overlay
+    from crc_lightning.inference.saliency import save_overlay
     from crc_lightning.inference.summary import saliency_name
 
     classes = [str(c) for c in card["class_names"]]
     if saliency_class is not None and saliency_class not in classes:
         raise ValueError(f"saliency_class={saliency_class!r} is not one of {classes}")
-    device = next(model.parameters()).device
     width, level = card["window"]["width"], card["window"]["level"]
     written = []
     for _, les in lesions[lesions["n_slices"] > 0].iterrows():
@@ -213,7 +254,7 @@ def _write_saliency(
         k = int(rows[np.argmax(slices.loc[rows, "area_mm2"].to_numpy())])  # first max on ties
         probs = les[[f"p_{c}" for c in classes]].to_numpy(dtype=float)
         target = classes.index(saliency_class) if saliency_class else int(np.argmax(probs))
-        cam, method = saliency_map(model, x[k : k + 1].to(device), target)
+        cam, method = _mean_saliency(models, x[k : k + 1], target)
         grey = window(crops[k].array, width, level) / np.float32(255.0)
         title = (
             f"{les['patient_id']} lesion {les['lesion']} slice {crops[k].slice} — {method}, "
@@ -222,6 +263,24 @@ def _write_saliency(
         name = saliency_name(str(les["patient_id"]), int(les["lesion"]))
         written.append(save_overlay(grey, cam, out_dir / name, title))
     return written
+
+
+def _mean_saliency(models: Sequence[nn.Module], x: torch.Tensor, target: int) -> tuple[Any, str]:
+    """One model's saliency map, or the mean of several models' maps rescaled to [0, 1]."""
+    from crc_lightning.inference.saliency import saliency_map
+
+    maps, methods = [], []
+    for model in models:
+        cam, method = saliency_map(model, x.to(next(model.parameters()).device), target)
+        maps.append(cam)
+        methods.append(method)
+    if len(maps) == 1:
+        return maps[0], methods[0]
+    cam = np.mean(np.stack(maps), axis=0)
+    span = float(cam.max() - cam.min())
+    cam = (cam - cam.min()) / span if span > 0 else np.zeros_like(cam)
+    kinds = " / ".join(sorted(set(methods)))
+    return cam.astype(np.float32), f"mean {kinds} of {len(maps)} models"
 
 
 def patient_id_from_path(image_path: str | Path) -> str:
@@ -380,17 +439,18 @@ def format_info(card: Mapping[str, Any]) -> Any:
     data = card.get("data") or {}
     source = card.get("source") or {}
     weights = card.get("weights") or {}
+    win, norm = card.get("window"), card.get("normalize")
     rows = [
         ("checkpoint", f"{source.get('file')}  sha256 {source.get('sha256')}"),
         ("label set", text(labels.get("name"))),
         ("class names", ", ".join(card["class_names"])),
         ("label groups", text(labels.get("classes"))),
-        ("resolution", f"{card['res']} × {card['res']} px"),
+        ("resolution", f"{card['res']} × {card['res']} px" if card.get("res") else "–"),
         (
             "CT window",
-            f"width {card['window']['width']:g} HU, level {card['window']['level']:g} HU",
+            f"width {win['width']:g} HU, level {win['level']:g} HU" if win else "–",
         ),
-        ("normalisation", f"mean {card['normalize']['mean']:g}, std {card['normalize']['std']:g}"),
+        ("normalisation", f"mean {norm['mean']:g}, std {norm['std']:g}" if norm else "–"),
         ("preprocessing (Algorithm 1)", text(algorithm)),
         ("reading options", text(reading)),
         (
@@ -405,6 +465,7 @@ def format_info(card: Mapping[str, Any]) -> Any:
             f"init {text(weights.get('init'))}, file {text(weights.get('file'))}, "
             f"sha256 {text(weights.get('sha256'))}",
         ),
+        *([("radiomics features", text(card["radiomics"]))] if card.get("radiomics") else []),
         ("seed", text(card.get("seed"))),
         ("trained with crc-lightning", text(card.get("package_version"))),
         ("exported with crc-lightning", text(card.get("exported_with"))),
@@ -416,4 +477,28 @@ def format_info(card: Mapping[str, Any]) -> Any:
     table.add_column("value", overflow="fold")
     for k, v in rows:
         table.add_row(k, v)
+    return table
+
+
+def format_members(ensemble: Ensemble) -> Any:
+    """A rich table of an ensemble's members (``--info`` of a job or sweep folder): job, fold,
+    seed, variant, kind, the file(s) it is loaded from and how many patients it trained on."""
+    from rich.table import Table
+
+    table = Table(title=ensemble.describe(), title_justify="left")
+    for name in ("#", "job", "fold", "seed", "variant", "kind", "trained on", "checkpoint"):
+        table.add_column(name, overflow="fold")
+    for i, m in enumerate(ensemble.members, 1):
+        info = m.info
+        n = info.get("n_train_patients")
+        table.add_row(
+            str(i),
+            str(info.get("job") or "–"),
+            "–" if info.get("fold") is None else str(info["fold"]),
+            "–" if info.get("seed") is None else str(info["seed"]),
+            str(info.get("variant") or "not recorded"),
+            str(info.get("kind") or m.kind),
+            "not recorded" if n is None else f"{n} patients",
+            str(info.get("path") or "–"),
+        )
     return table

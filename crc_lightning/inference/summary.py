@@ -43,36 +43,71 @@ def _p(x: float) -> str:
     return "–" if not np.isfinite(x) else f"{x:.3f}"
 
 
+def _p_spread(row: Any, c: str) -> str:
+    """An ensemble's cell: ``p ± SD (min–max)`` across its members."""
+    p = float(row[f"p_{c}"])
+    if not np.isfinite(p):
+        return "–"
+    return (
+        f"{p:.3f} ± {float(row[f'p_{c}_sd']):.3f} "
+        f"({float(row[f'p_{c}_min']):.3f}–{float(row[f'p_{c}_max']):.3f})"
+    )
+
+
+def _model_line(card: Mapping[str, Any], classes: Sequence[str], n_members: int) -> str:
+    labels = card.get("labels") or {}
+    weights = card.get("weights") or {}
+    source = card.get("source") or {}
+    win = card.get("window")
+    what = (
+        f"an ensemble of {n_members} models (mean of their lesion probabilities)"
+        if n_members > 1
+        else f"`{_cell(Path(str(source.get('file') or 'checkpoint')).name)}`"
+    )
+    crops = (
+        f"{card.get('res')} × {card.get('res')} px crops, CT window "
+        f"{win['width']:g}/{win['level']:g} HU, backbone init "
+        f"{_cell(weights.get('init') or 'not recorded')}"
+        if win
+        else "radiomics features"
+    )
+    return (
+        f"Model: {what} — variant {_cell(card.get('variant') or 'not recorded')}, label set "
+        f"{_cell(labels.get('name') or 'not recorded')} ({', '.join(classes)}), {crops}."
+    )
+
+
 def patient_markdown(
     lesions: pd.DataFrame,
     classes: Sequence[str],
     card: Mapping[str, Any],
     saliency: Mapping[int, str] | None = None,
+    n_members: int = 1,
 ) -> str:
     """Markdown of one patient's prediction: ``lesions`` = predict's lesion rows of that patient
-    (``patient_id, lesion, n_slices, p_<CLASS>…``), ``saliency`` = ``{lesion: image path}``
-    relative to where the page's images are resolved."""
+    (``patient_id, lesion, n_slices, p_<CLASS>…``, with ``p_<CLASS>_sd/_min/_max`` when
+    ``n_members`` > 1), ``saliency`` = ``{lesion: image path}`` relative to where the page's
+    images are resolved."""
     pid = str(lesions["patient_id"].iat[0]) if len(lesions) else "?"
     classes = [str(c) for c in classes]
-    labels = card.get("labels") or {}
-    weights = card.get("weights") or {}
-    source = card.get("source") or {}
+    ensemble = n_members > 1
+    how = (
+        f" Each cell is the mean over the {n_members} members of their lesion probability ± its "
+        "standard deviation across members (lowest–highest member in brackets)."
+        if ensemble
+        else ""
+    )
     lines = [
         f"# Patient {_cell(pid)}: predicted mutation family per lesion",
         "",
         DISCLAIMER,
         "",
-        f"Model: `{_cell(Path(str(source.get('file') or 'checkpoint')).name)}` — variant "
-        f"{_cell(card.get('variant') or 'not recorded')}, label set "
-        f"{_cell(labels.get('name') or 'not recorded')} ({', '.join(classes)}), "
-        f"{card.get('res')} × {card.get('res')} px crops, CT window "
-        f"{card['window']['width']:g}/{card['window']['level']:g} HU, backbone init "
-        f"{_cell(weights.get('init') or 'not recorded')}.",
+        _model_line(card, classes, n_members),
         "",
         "## Lesions",
         "",
         "Probability of each class (sigmoid, multi-label: they need not sum to 1), averaged over "
-        "the lesion's slices that pass Algorithm 1.",
+        f"the lesion's slices that pass Algorithm 1.{how}",
         "",
         "| lesion | slices | " + " | ".join(f"p({c})" for c in classes) + " | most likely |",
         "|---:|---:|" + "---:|" * len(classes) + "---|",
@@ -82,7 +117,7 @@ def patient_markdown(
         best = classes[int(np.nanargmax(p))] if row["n_slices"] > 0 else "no slice passed"
         lines.append(
             f"| {int(row['lesion'])} | {int(row['n_slices'])} | "
-            + " | ".join(_p(x) for x in p)
+            + " | ".join(_p_spread(row, c) if ensemble else _p(x) for c, x in zip(classes, p))
             + f" | {best} |"
         )
     shown = {int(k): v for k, v in (saliency or {}).items()}

@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from crc_lightning.apps.predict import predict, rewrite_argv
 from crc_lightning.apps.run import run
@@ -35,27 +34,15 @@ from crc_lightning.models.checkpoint import (
 from crc_lightning.models.classifier import MutationClassifier
 from crc_lightning.sources.manifest import read_manifest
 from crc_lightning.sources.synthetic import ensure_synthetic_cohort
-from tests.helpers.config import CONF_DIR
+from tests.helpers.config import compose_app
 
 ROOT = Path(__file__).resolve().parents[2]
-CONF = CONF_DIR
 CLASSES = ["KRAS", "NRAS", "BRAF", "PIK3CA", "OTHER"]
 PCOLS = [f"p_{c}" for c in CLASSES]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on this shared 2-core machine OpenMP barriers with 2 threads make
-    EfficientNet forwards ~50× slower under load; results do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def compose_cfg(name: str, *overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(name, overrides=list(overrides))
+    return compose_app(name, *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +135,14 @@ def test_app_single_patient_writes_the_contract_files(trained, tmp_path, capsys)
     summary = predict(cfg)
     lesions = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})
     slices = pd.read_csv(out / "predictions_slices.csv", dtype={"patient_id": str})
-    assert list(lesions.columns) == ["patient_id", "lesion", "n_slices", *PCOLS]
+    spread = [f"{c}_{s}" for c in PCOLS for s in ("sd", "min", "max")]
+    assert list(lesions.columns) == ["patient_id", "lesion", "n_slices", *PCOLS, *spread,
+                                     "n_members"]  # fmt: skip
+    # one checkpoint = an ensemble of one: no spread, its probabilities are the range
+    scored = lesions.query("n_slices > 0")
+    assert (scored["n_members"] == 1).all() and (scored[[f"{c}_sd" for c in PCOLS]] == 0).all(None)
+    for c in PCOLS:
+        assert (scored[f"{c}_min"] == scored[c]).all() and (scored[f"{c}_max"] == scored[c]).all()
     assert list(slices.columns) == ["patient_id", "lesion", "slice", "area_mm2", *PCOLS]
     assert set(lesions["patient_id"]) == {pid} == set(slices["patient_id"])
     exp = trained["run_preds"].query("patient_id == @pid").groupby("lesion")[PCOLS].mean()
