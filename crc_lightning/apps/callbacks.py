@@ -153,7 +153,7 @@ def _job_overrides(job_dir: Path) -> list[str]:
 
 
 def _job_row(job: Path, metric: str) -> dict[str, Any]:
-    result = json.loads((job / "metrics.json").read_text())
+    result = json.loads((job / "metrics.json").read_text(encoding="utf-8"))
     overrides = _job_overrides(job)
     return {
         "job": job.name,

@@ -292,7 +292,9 @@ class MergeShardsCallback(HydraCallback):
         from crc_lightning.cropstore.writer import merge_shards
 
         sweep = Path(str(config.hydra.sweep.dir))
-        stores = sorted({json.loads(f.read_text())["store"] for f in sweep.rglob(SHARD_FILE)})
+        stores = sorted(
+            {json.loads(f.read_text(encoding="utf-8"))["store"] for f in sweep.rglob(SHARD_FILE)}
+        )
         for store in stores:
             try:
                 summary = merge_shards(store)

@@ -167,7 +167,7 @@ RUN_FILE = "run.json"  # in a checkpoint folder: the settings key of the run tha
 
 def _stored_run_key(ckpt_dir: Path) -> str | None:
     try:
-        return str(json.loads((ckpt_dir / RUN_FILE).read_text())["key"])
+        return str(json.loads((ckpt_dir / RUN_FILE).read_text(encoding="utf-8"))["key"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

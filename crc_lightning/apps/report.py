@@ -68,7 +68,9 @@ def jobs_store(job_dirs: list[Path]) -> str | None:
     for job in job_dirs:
         saved = job / ".hydra" / "config.yaml"
         try:
-            want = json.loads((job / "metrics.json").read_text())["data"]["store_hash"]
+            want = json.loads((job / "metrics.json").read_text(encoding="utf-8"))["data"][
+                "store_hash"
+            ]
             store = OmegaConf.select(OmegaConf.load(saved), "data.store")
         except Exception:  # an older job, a config that no longer resolves: no figure, no error
             continue

@@ -447,7 +447,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics_path = out_dir / "metrics.json"
     job_hash = config_hash(cfg)
     if bool(cfg.get("resume", True)) and metrics_path.is_file():
-        stored = json.loads(metrics_path.read_text())
+        stored = json.loads(metrics_path.read_text(encoding="utf-8"))
         changed = changed_inputs(stored, cfg, job_hash)
         if changed is None:
             log.info("resume: %s exists, job skipped", metrics_path)

@@ -379,7 +379,7 @@ def read_feature_table(
     folder = features_dir(store, settings_key(params, _connectivity(meta)))
     hint = "build it with crc_lightning.cropstore.features.feature_table (same data= as the store)"
     try:
-        built = json.loads((folder / FEATURES_META_FILE).read_text())
+        built = json.loads((folder / FEATURES_META_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise FeatureError(folder, [f"no feature table for these settings; {hint}"]) from None
     current = {c: v.get("case_hash") for c, v in dict(meta.get("inputs", {})).items()}

@@ -126,7 +126,7 @@ def read_meta(store_dir: str | Path) -> dict[str, Any]:
     and the command that builds one."""
     if not is_store(store_dir):
         raise InputError(store_dir, f"no crop store here; {BUILD_HINT}")
-    return json.loads((Path(store_dir) / META_FILE).read_text())
+    return json.loads((Path(store_dir) / META_FILE).read_text(encoding="utf-8"))
 
 
 def store_hash(store_dir: str | Path) -> str:

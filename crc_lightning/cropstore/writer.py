@@ -655,7 +655,7 @@ def _read_parts(store_dir: Path) -> list[dict[str, Any]]:
     out = []
     for path in parts:
         try:
-            doc = json.loads(path.read_text())
+            doc = json.loads(path.read_text(encoding="utf-8"))
             doc["_file"] = path
             out.append(doc)
         except (OSError, ValueError) as err:

@@ -547,7 +547,7 @@ def read_splits_file(path: str | Path, patient_ids: Iterable[str]) -> dict[str, 
     if not path.is_file():
         raise InputError(path, "split.file: no such splits file (a job's splits.json)")
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(path, f"not a splits file: {err}") from err
     folds = doc.get("folds") if isinstance(doc, dict) else None

@@ -163,7 +163,7 @@ def _splits_text(ev: Evaluation) -> list[str]:
         strat = None
         if j.splits_file.is_file():
             try:
-                strat = json.loads(j.splits_file.read_text()).get("stratified_on")
+                strat = json.loads(j.splits_file.read_text(encoding="utf-8")).get("stratified_on")
             except (OSError, json.JSONDecodeError):
                 strat = None
         split = j.raw.get("split") or {}

@@ -158,4 +158,6 @@ def write_report_html(report_md: str | Path) -> Path:
     """``report.html`` beside ``report.md``, rendered from it (the one call at the end of report
     writing); returns its path."""
     report_md = Path(report_md)
-    return write_html(report_md.read_text(), report_md.with_suffix(".html"), report_md.parent)
+    return write_html(
+        report_md.read_text(encoding="utf-8"), report_md.with_suffix(".html"), report_md.parent
+    )

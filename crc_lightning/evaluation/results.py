@@ -134,7 +134,7 @@ def load_job(job_dir: str | Path) -> Job:
     job_dir = Path(job_dir)
     path = job_dir / "metrics.json"
     try:
-        m = json.loads(path.read_text())
+        m = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(path, f"cannot read metrics.json ({e})") from e
     missing = [k for k in ("variant", "res", "seed", "labels", "classes") if k not in m]
@@ -254,7 +254,7 @@ def _fold_sizes(job: Job) -> dict[int, dict[str, int | None]]:
         }
     if job.splits_file.is_file():
         try:
-            sp = json.loads(job.splits_file.read_text())
+            sp = json.loads(job.splits_file.read_text(encoding="utf-8"))
             return {
                 int(f["fold"]): {
                     "n_train": len(f["train"]),

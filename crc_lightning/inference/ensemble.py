@@ -344,7 +344,7 @@ def _sweep_jobs(root: Path) -> tuple[list[Path], list[str]]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise CheckpointError(path, f"not readable JSON ({err})") from None
     if not isinstance(data, dict):

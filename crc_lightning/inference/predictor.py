@@ -352,7 +352,7 @@ def manifest_patients(
     ignored); each carries the lesion rule its rows give (``*`` → components, ids → instance)."""
     if not manifest.is_file():
         raise InputError(manifest, "manifest not found")
-    with open(manifest, newline="") as f:
+    with open(manifest, newline="", encoding="utf-8-sig") as f:
         header = next(csv.reader(f), [])
     known = set(GENES) | set((card.get("labels") or {}).get("genes") or [])
     genes = tuple(c.strip() for c in header if c.strip() in known and c not in BASE_COLUMNS)
@@ -395,7 +395,7 @@ class CsvAppender:
 
     def __enter__(self) -> CsvAppender:
         tmp = self._stack.enter_context(atomic_path(self.path))
-        self.file: TextIO = self._stack.enter_context(open(tmp, "w", newline=""))
+        self.file: TextIO = self._stack.enter_context(open(tmp, "w", newline="", encoding="utf-8"))
         self.file.write(",".join(self.columns) + "\n")
         return self
 

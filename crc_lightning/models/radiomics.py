@@ -269,7 +269,7 @@ class RadiomicsModel:
         folder = Path(folder)
         meta_path, model_path = folder / MODEL_META_FILE, folder / MODEL_FILE
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise CheckpointError(meta_path, f"not a readable radiomics model ({e})") from None
         if meta.get("format") != FORMAT or int(meta.get("format_version", 0)) > FORMAT_VERSION:

@@ -316,7 +316,7 @@ def generate_synthetic_cohort(
         write_nifti(mask, root / "masks" / f"{pid}.nii.gz")
         for lesion in range(1, int(mask.array.max()) + 1):
             rows.append([pid, image_rel, f"masks/{pid}.nii.gz", lesion, *(genes[g] for g in GENES)])
-    with open(root / "labels.csv", "w", newline="") as f:
+    with open(root / "labels.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["patient_id", "image", "mask", "lesion", *GENES])
         writer.writerows(rows)
@@ -325,7 +325,7 @@ def generate_synthetic_cohort(
 
 def _read_stamp(stamp: Path) -> dict | None:
     try:
-        return json.loads(stamp.read_text())
+        return json.loads(stamp.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -373,7 +373,7 @@ def ensure_synthetic_cohort(
         tmp.mkdir()  # not mkdtemp: its 0700 would make the cohort unreadable to other users
         try:
             generate_synthetic_cohort(tmp, n_patients, seed, dicom_fraction, tuple(shape))
-            (tmp / "cohort.json").write_text(json.dumps(params, indent=2) + "\n")
+            (tmp / "cohort.json").write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
             if root.exists():
                 old = root.with_name(f".{root.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
                 os.replace(root, old)
