@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from crc_lightning.cropstore.format import BUILD_HINT
+from crc_lightning.cropstore.format import BUILD_HINT, CASES_DIR
 from tests.apps.test_distributed import SWEEP_ARGS, _env, tree
 from tests.apps.test_preprocess import shard_jobs, sharded_preprocess
 from tests.helpers.stores import write_fake_store
@@ -102,7 +103,12 @@ def test_run_sweep_goes_through_sbatch_and_completes(slurm_cluster, store, tmp_p
 
 @pytest.mark.slurm
 def test_failed_job_is_failed_in_sacct_and_the_other_completes(slurm_cluster, store, tmp_path):
-    bad = tmp_path / "data" / "crops" / "missing"  # no crop store here: the job's input error
+    # a store whose case files are gone: it passes the checks made before any job is submitted
+    # (the index and store.json are there), and the job itself fails on its first crop
+    bad = tmp_path / "data" / "crops" / "broken"
+    shutil.copytree(store, bad)
+    for case in (bad / CASES_DIR).glob("*.npz"):
+        case.unlink()
     proc, sweep, ids, _ = slurm_sweep(slurm_cluster, tmp_path, "run", f"data.store={store},{bad}",
                                       *SWEEP_ARGS)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-4000:]
@@ -113,13 +119,15 @@ def test_failed_job_is_failed_in_sacct_and_the_other_completes(slurm_cluster, st
     assert (jobs[0] / "metrics.json").is_file() and not (jobs[1] / "metrics.json").exists()
     # the error, in the failed job's own logs: SLURM's stderr (traceback) and the Hydra job log
     err_log = sweep / ".submitit" / ids[1] / f"{ids[1]}_0_log.err"
-    assert "no crop store here" in err_log.read_text()
+    missing = "case file listed in the index is missing"
+    assert missing in err_log.read_text()
     assert "job 1 failed: " in (jobs[1] / "run.log").read_text()
-    assert "no crop store here" in (jobs[1] / "run.log").read_text()
+    assert missing in (jobs[1] / "run.log").read_text()
     # and one line on the console naming the SLURM job, its state, its error and its log
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"run: {err_log}: SLURM job {ids[1]} (sweep job 1) failed: ")
-    assert last.endswith(f"InputError: {bad}: no crop store here; {BUILD_HINT}"), last
+    assert re.search(rf"InputError: {re.escape(str(bad))}/\S+\.npz: {missing} \(20 of 20\); "
+                     rf"{re.escape(BUILD_HINT)}$", last), last  # fmt: skip
     assert "Traceback" not in proc.stderr
 
 
