@@ -127,6 +127,7 @@ def validate(cfg: DictConfig) -> None:
         validate_radiomics(cfg)
     if kind == "radiomics":
         return  # no backbone
+    _validate_recipe(cfg)
     bb, attention = cfg.model.backbone, bool(cfg.model.attention)
     init = str(bb.weights)
     if init == "simclr":
@@ -137,6 +138,27 @@ def validate(cfg: DictConfig) -> None:
         resolve_imagenet_file(str(bb.name), bb.weights_file or bb.get("imagenet_file"))
     elif init != "none":
         raise UsageError(f"`model.backbone.weights={init}`: choose imagenet, simclr or none")
+
+
+def _validate_recipe(cfg: DictConfig) -> None:
+    """The training-recipe knobs (README "Training recipe"): one line each when unusable."""
+    from crc_lightning.data.datamodule import SAMPLING as sampling
+    from crc_lightning.models.classifier import check_lr_schedule as check_schedule
+
+    chosen = str(cfg.datamodule.get("sampling", "image"))
+    if chosen not in sampling:
+        raise UsageError(f"`datamodule.sampling={chosen}`: choose one of {', '.join(sampling)}")
+    smoothing = float(cfg.model.get("label_smoothing", 0.0) or 0.0)
+    if not 0.0 <= smoothing < 1.0:
+        raise UsageError(f"`model.label_smoothing={smoothing}`: must be in [0, 1)")
+    try:
+        schedule = check_schedule(plain(cfg.model.get("lr_schedule")))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if schedule["name"] != "constant" and cfg.model.get("scheduler") is not None:
+        raise UsageError(
+            f"model.lr_schedule.name={schedule['name']} and model.scheduler both set: keep one"
+        )
 
 
 def _drop_paths(node: Any) -> Any:
@@ -295,6 +317,9 @@ def _public_hparams(cfg: DictConfig) -> dict[str, Any]:
         "attention": bool(cfg.model.attention),
         "optimizer": OmegaConf.to_container(cfg.model.optimizer, resolve=True),
         "batch_size": int(cfg.datamodule.batch_size),
+        "lr_schedule": plain(cfg.model.get("lr_schedule")),
+        "label_smoothing": float(cfg.model.get("label_smoothing", 0.0) or 0.0),
+        "sampling": str(cfg.datamodule.get("sampling", "image")),
     }
 
 
