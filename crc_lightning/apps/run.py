@@ -189,16 +189,31 @@ def config_hash(cfg: DictConfig) -> str:
     What it leaves out cannot change the numbers, or is checked by content instead (the crop store's
     and the weights file's hashes): moving the data or the output folder keeps the hash. Nodes the
     job's variant never reads are left out too (:func:`_unused_by`), and ``variant.fusion: false``
-    (the default of the deep variants), so a deep job's hash is the one it had before fusion.
+    (the default of the deep variants), so a deep job's hash is the one it had before fusion;
+    likewise the recipe knobs at the paper's values (:func:`_drop_paper_recipe`).
     """
     kind = variant_kind(cfg)
     skip = (*HASH_SKIP_TOP, *_unused_by(kind))
     tree = {str(k): _drop_paths(plain(cfg[k])) for k in cfg if str(k) not in skip}
     if kind == "deep" and isinstance(tree.get("variant"), dict):
         tree["variant"] = {k: v for k, v in tree["variant"].items() if k != "fusion"}
+    _drop_paper_recipe(tree)
     if kind == "radiomics" and isinstance(tree.get("datamodule"), dict):
         tree["datamodule"] = {"exclude_patients": tree["datamodule"].get("exclude_patients")}
     return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _drop_paper_recipe(tree: dict[str, Any]) -> None:
+    """Leave the training-recipe knobs out of the hash while they hold the paper's values (constant
+    lr, no label smoothing, image sampling), so jobs finished before the knobs existed resume."""
+    model, dm = tree.get("model"), tree.get("datamodule")
+    if isinstance(model, dict):
+        if (model.get("lr_schedule") or {}).get("name", "constant") == "constant":
+            model.pop("lr_schedule", None)
+        if not model.get("label_smoothing"):
+            model.pop("label_smoothing", None)
+    if isinstance(dm, dict) and dm.get("sampling", "image") == "image":
+        dm.pop("sampling", None)
 
 
 def changed_inputs(stored: Mapping[str, Any], cfg: DictConfig, job_hash: str) -> str | None:

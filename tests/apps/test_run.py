@@ -592,8 +592,15 @@ def test_config_hash_ignores_paths_and_display_only(store, tmp_path) -> None:
     assert config_hash(make_cfg(store, tmp_path / "a", "seed=3", "logger=none",
                                 "trainer.enable_progress_bar=true", "resume=false")) == base  # fmt: skip
     for change in ("seed=4", "model.dropout=0.3", "split.n_splits=3", "labels=three",
-                   "trainer.max_epochs=7", "datamodule.batch_size=8"):  # fmt: skip
+                   "trainer.max_epochs=7", "datamodule.batch_size=8", "model.label_smoothing=0.1",
+                   "model.lr_schedule.name=cosine", "datamodule.sampling=lesion"):  # fmt: skip
         assert config_hash(make_cfg(store, tmp_path / "a", "seed=3", change)) != base, change
+    # the recipe knobs at the paper's values hash as a config from before they existed
+    older = make_cfg(store, tmp_path / "a", "seed=3", "~model.lr_schedule",
+                     "~model.label_smoothing", "~datamodule.sampling")  # fmt: skip
+    assert "lr_schedule" not in older.model and config_hash(older) == base
+    warm = make_cfg(store, tmp_path / "a", "seed=3", "model.lr_schedule.warmup_epochs=3")
+    assert config_hash(warm) == base  # a warmup of a constant schedule changes nothing
 
 
 def test_resume_trains_again_when_the_config_or_version_changed(store, tmp_path) -> None:
