@@ -16,7 +16,7 @@ errors. The pooled out-of-fold *test* lesion-level AUC is printed for informatio
 no part in the choice.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/recipe.py [--root /tmp/crc_recipe] \\
-        [--seeds 0,1] [--epochs 4] [--folds 3] [--res 32] [--labels three]
+        [--seeds 0] [--epochs 4] [--folds 3] [--res 32] [--labels three]
 
 Jobs resume: a second call with the same settings only prints the table.
 """
@@ -62,7 +62,7 @@ def _fold_vals(job: Path) -> dict[tuple[int, int], float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="/tmp/crc_recipe")
-    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--seeds", default="0")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--res", type=int, default=32)
