@@ -127,6 +127,7 @@ def validate(cfg: DictConfig) -> None:
         validate_radiomics(cfg)
     if kind == "radiomics":
         return  # no backbone
+    _validate_recipe(cfg)
     bb, attention = cfg.model.backbone, bool(cfg.model.attention)
     init = str(bb.weights)
     if init == "simclr":
@@ -137,6 +138,27 @@ def validate(cfg: DictConfig) -> None:
         resolve_imagenet_file(str(bb.name), bb.weights_file or bb.get("imagenet_file"))
     elif init != "none":
         raise UsageError(f"`model.backbone.weights={init}`: choose imagenet, simclr or none")
+
+
+def _validate_recipe(cfg: DictConfig) -> None:
+    """The training-recipe knobs (README "Training recipe"): one line each when unusable."""
+    from crc_lightning.data.datamodule import SAMPLING as sampling
+    from crc_lightning.models.classifier import check_lr_schedule as check_schedule
+
+    chosen = str(cfg.datamodule.get("sampling", "image"))
+    if chosen not in sampling:
+        raise UsageError(f"`datamodule.sampling={chosen}`: choose one of {', '.join(sampling)}")
+    smoothing = float(cfg.model.get("label_smoothing", 0.0) or 0.0)
+    if not 0.0 <= smoothing < 1.0:
+        raise UsageError(f"`model.label_smoothing={smoothing}`: must be in [0, 1)")
+    try:
+        schedule = check_schedule(plain(cfg.model.get("lr_schedule")))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if schedule["name"] != "constant" and cfg.model.get("scheduler") is not None:
+        raise UsageError(
+            f"model.lr_schedule.name={schedule['name']} and model.scheduler both set: keep one"
+        )
 
 
 def _drop_paths(node: Any) -> Any:
@@ -167,16 +189,31 @@ def config_hash(cfg: DictConfig) -> str:
     What it leaves out cannot change the numbers, or is checked by content instead (the crop store's
     and the weights file's hashes): moving the data or the output folder keeps the hash. Nodes the
     job's variant never reads are left out too (:func:`_unused_by`), and ``variant.fusion: false``
-    (the default of the deep variants), so a deep job's hash is the one it had before fusion.
+    (the default of the deep variants), so a deep job's hash is the one it had before fusion;
+    likewise the recipe knobs at the paper's values (:func:`_drop_paper_recipe`).
     """
     kind = variant_kind(cfg)
     skip = (*HASH_SKIP_TOP, *_unused_by(kind))
     tree = {str(k): _drop_paths(plain(cfg[k])) for k in cfg if str(k) not in skip}
     if kind == "deep" and isinstance(tree.get("variant"), dict):
         tree["variant"] = {k: v for k, v in tree["variant"].items() if k != "fusion"}
+    _drop_paper_recipe(tree)
     if kind == "radiomics" and isinstance(tree.get("datamodule"), dict):
         tree["datamodule"] = {"exclude_patients": tree["datamodule"].get("exclude_patients")}
     return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _drop_paper_recipe(tree: dict[str, Any]) -> None:
+    """Leave the training-recipe knobs out of the hash while they hold the paper's values (constant
+    lr, no label smoothing, image sampling), so jobs finished before the knobs existed resume."""
+    model, dm = tree.get("model"), tree.get("datamodule")
+    if isinstance(model, dict):
+        if (model.get("lr_schedule") or {}).get("name", "constant") == "constant":
+            model.pop("lr_schedule", None)
+        if not model.get("label_smoothing"):
+            model.pop("label_smoothing", None)
+    if isinstance(dm, dict) and dm.get("sampling", "image") == "image":
+        dm.pop("sampling", None)
 
 
 def changed_inputs(stored: Mapping[str, Any], cfg: DictConfig, job_hash: str) -> str | None:
@@ -295,6 +332,9 @@ def _public_hparams(cfg: DictConfig) -> dict[str, Any]:
         "attention": bool(cfg.model.attention),
         "optimizer": OmegaConf.to_container(cfg.model.optimizer, resolve=True),
         "batch_size": int(cfg.datamodule.batch_size),
+        "lr_schedule": plain(cfg.model.get("lr_schedule")),
+        "label_smoothing": float(cfg.model.get("label_smoothing", 0.0) or 0.0),
+        "sampling": str(cfg.datamodule.get("sampling", "image")),
     }
 
 

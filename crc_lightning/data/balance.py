@@ -19,13 +19,23 @@ of samples for each mutation." Made precise for multi-label images:
 So the result holds exactly ``m`` images of every non-empty group (the "assigned class"), and the
 per-class positive counts (which also count secondary labels) are close to, not exactly, ``m``.
 Only ever applied to the training set; validation and test keep their natural distribution.
+
+**Lesion-level sampling** (``datamodule.sampling=lesion``, :func:`lesion_weights`) composes with it:
+the balancing still sets *how many draws each sampling group gets* per epoch (``m`` per non-empty
+group, the same epoch length as the balanced set), and the lesion weights decide *how a group's
+draws are spread*: equally over the group's lesions, each lesion's share split equally over its
+slices — instead of in proportion to slice count. So a lesion with 30 slices and one with 3 in the
+same group are drawn equally often (``m / L_g`` expected draws each, ``L_g`` the group's lesions),
+and no lesion is left out of an epoch's *distribution* by sub-sampling (draws are with replacement
+from every training row). Without balancing (``balance=false``) the whole training set is one group
+of ``n`` draws: every lesion gets ``n / L`` expected draws.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["NO_CLASS", "assign_groups", "median_balance", "median_target"]
+__all__ = ["NO_CLASS", "assign_groups", "lesion_weights", "median_balance", "median_target"]
 
 NO_CLASS = -1  # group of images with no positive class
 
@@ -83,3 +93,38 @@ def median_balance(class_matrix: np.ndarray, rng: np.random.Generator) -> np.nda
             extra = rng.choice(members, size=target - len(members), replace=True)
             picked.append(np.concatenate([members, extra]))
     return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+def lesion_weights(
+    class_matrix: np.ndarray, lesion_ids: np.ndarray, balance: bool = True
+) -> np.ndarray:
+    """Expected draws per epoch of every row for lesion-level sampling (module docstring).
+
+    Rows are grouped as :func:`median_balance` groups them (``balance``; else one group), each
+    group's budget is what :func:`median_balance` would give it (``m``; else ``n``), and within a
+    group every lesion (``lesion_ids``: one id per row) gets an equal share of the budget, split
+    equally over its rows. The weights sum to the epoch length (``len(median_balance(...))``, or
+    ``n``): pass them to :class:`torch.utils.data.WeightedRandomSampler` with
+    ``num_samples = round(sum)`` and ``replacement=True``.
+    """
+    y = _as_matrix(class_matrix)
+    lesions = np.asarray(lesion_ids)
+    if lesions.shape != (len(y),):
+        raise ValueError(f"lesion_ids must hold one id per row ({len(y)}), got {lesions.shape}")
+    if len(y) == 0:
+        return np.zeros(0, dtype=np.float64)
+    target = median_target(y) if balance else 0
+    if target == 0:  # no balancing (or nothing to balance on): one group of n draws
+        groups, budget = np.zeros(len(y), dtype=np.int64), float(len(y))
+    else:
+        groups, budget = assign_groups(y), float(target)
+    _, unit = np.unique(np.stack([groups.astype(str), lesions.astype(str)]), axis=1,
+                        return_inverse=True)  # fmt: skip
+    unit = unit.reshape(-1)
+    rows_per_unit = np.bincount(unit)
+    weights = np.empty(len(y), dtype=np.float64)
+    for g in np.unique(groups):
+        members = groups == g
+        n_lesions = len(np.unique(unit[members]))
+        weights[members] = budget / n_lesions / rows_per_unit[unit[members]]
+    return weights

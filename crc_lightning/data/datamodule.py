@@ -9,7 +9,13 @@
    ``split`` config, stratified on the five-gene matrix whatever the label set (:mod:`.splits`);
 3. median balancing of the *training* rows (:mod:`.balance`), **once per setup**, drawn from the
    seed — the paper balances "at the beginning of the training phase"; re-drawing per epoch would
-   make the epoch content depend on how many epochs ran, and a fixed set is easier to audit;
+   make the epoch content depend on how many epochs ran, and a fixed set is easier to audit.
+   ``sampling`` then says how an epoch is drawn: ``image`` (paper) = every image of the balanced
+   set once, shuffled; ``lesion`` = as many draws as the balanced set holds, with replacement, by
+   :class:`torch.utils.data.WeightedRandomSampler` over *every* training row with
+   :func:`~crc_lightning.data.balance.lesion_weights`: each sampling group keeps its balanced
+   budget and, inside it, every lesion gets the same expected number of draws whatever its slice
+   count (README "Training recipe");
 4. the images, windowed (``window``: the ``input.window`` node) and resized to ``res``, float32 in
    [0, 1] (window → /255 → :func:`resize_square`), by ``cache``:
 
@@ -29,8 +35,9 @@ of that stage (to write ``predictions.csv``). After the transfer to the device,
 ``on_after_batch_transfer`` applies :class:`ClassifierAugment` while the trainer is training, and
 only the deterministic :class:`Normalize` otherwise (validation, test, sanity checks).
 
-Determinism: split and balancing are functions of ``seed``; the training loader shuffles with its
-own ``torch.Generator`` seeded by ``seed`` (advanced epoch by epoch); augmentation draws from torch's
+Determinism: split and balancing are functions of ``seed``; the training loader shuffles (or
+draws, ``sampling=lesion``) with its own ``torch.Generator`` seeded by ``seed`` (advanced epoch by
+epoch); augmentation draws from torch's
 global RNG (seeded by ``lightning.seed_everything`` in the run app).
 
 Labels: ``labels`` is a :class:`LabelSet` or the ``conf/labels/<name>.yaml`` mapping (the Hydra
@@ -49,24 +56,38 @@ import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from crc_lightning.cropstore.format import GENES, INDEX_FILE
 from crc_lightning.cropstore.reader import CropStore
 from crc_lightning.data.augment import ClassifierAugment, Normalize
-from crc_lightning.data.balance import median_balance
+from crc_lightning.data.balance import lesion_weights, median_balance
 from crc_lightning.data.images import StoreImages, check_cache_mode
 from crc_lightning.data.inputs import crops_to_tensor
 from crc_lightning.data.labels import LabelSet
 from crc_lightning.data.splits import Split, gene_matrix, split_for
 from crc_lightning.io.errors import InputError
 
-__all__ = ["CropDataModule", "clear_cache", "labelled_rows", "load_images", "store_images"]
+__all__ = [
+    "SAMPLING",
+    "CropDataModule",
+    "clear_cache",
+    "labelled_rows",
+    "lesion_keys",
+    "load_images",
+    "store_images",
+]
 
 log = logging.getLogger(__name__)
 
 _CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 _CACHE_SIZE = 2  # (store, res, window) entries kept; a run uses one
+SAMPLING = ("image", "lesion")  # datamodule.sampling
+
+
+def lesion_keys(frame: pd.DataFrame) -> np.ndarray:
+    """One id per crop row naming its lesion: ``<patient_id>/<lesion>``."""
+    return (frame["patient_id"].astype(str) + "/" + frame["lesion"].astype(str)).to_numpy()
 
 
 def clear_cache() -> None:
@@ -180,6 +201,8 @@ class CropDataModule(pl.LightningDataModule):
     ``val_size``, ``n_splits``, ``fold``, ``repeat`` (``conf/split/*.yaml``). ``window`` (``width``, ``level``) and ``normalize``
     (``mean``, ``std``): the ``input`` config node. ``augment``: :class:`ClassifierAugment` keys.
     ``cache``: ``lazy`` (read crops when batched) | ``memory`` (pre-load them; module docstring).
+    ``sampling``: ``image`` (paper: each balanced image once per epoch) | ``lesion`` (each lesion
+    of a sampling group equally often, module docstring).
     """
 
     def __init__(
@@ -198,9 +221,13 @@ class CropDataModule(pl.LightningDataModule):
         exclude_patients: Iterable[str] = (),
         pin_memory: bool = False,
         cache: str = "lazy",
+        sampling: str = "image",
     ) -> None:
         super().__init__()
         self.cache = check_cache_mode(cache)
+        if sampling not in SAMPLING:
+            raise ValueError(f"datamodule.sampling={sampling!r}: choose one of {SAMPLING}")
+        self.sampling = str(sampling)
         self.store_dir = Path(store_dir)
         self.labels = labels if isinstance(labels, LabelSet) else LabelSet.from_config(labels)
         self.res = int(res)
@@ -221,6 +248,8 @@ class CropDataModule(pl.LightningDataModule):
         self.split: Split | None = None
         self.train_index = self.val_index = self.test_index = pd.DataFrame()
         self.train_sample = np.zeros(0, dtype=np.int64)
+        # sampling=lesion: expected draws per epoch of every training row (they sum to the epoch)
+        self.train_weights: np.ndarray | None = None
         self._datasets: dict[str, _CropDataset] = {}
 
     # ------------------------------------------------------------------ properties
@@ -263,7 +292,11 @@ class CropDataModule(pl.LightningDataModule):
             frame = df.iloc[rows].reset_index(drop=True)
             frames[name] = frame
             targets = y[rows]
-            if name == "train" and self.balance:
+            if name == "train" and self.sampling == "lesion":
+                self.train_weights = lesion_weights(targets, lesion_keys(frame), self.balance)
+                sample = np.arange(len(rows), dtype=np.int64)
+                self.train_sample = sample
+            elif name == "train" and self.balance:
                 rng = np.random.default_rng([self.seed, 0xBA1])
                 sample = median_balance(targets, rng)
                 self.train_sample = sample
@@ -272,7 +305,7 @@ class CropDataModule(pl.LightningDataModule):
             self._datasets[name] = _CropDataset(
                 images, frame["store_row"].to_numpy(), targets, sample
             )
-        if not self.balance:
+        if not self.balance and self.sampling == "image":
             self.train_sample = np.arange(len(frames["train"]), dtype=np.int64)
         self.train_index, self.val_index, self.test_index = (
             frames["train"],
@@ -281,7 +314,7 @@ class CropDataModule(pl.LightningDataModule):
         )
         self.split = split
         log.info(
-            "split %s: %d/%d/%d patients, %d/%d/%d crops (train sampled to %d)",
+            "split %s: %d/%d/%d patients, %d/%d/%d crops (train: %d draws an epoch, %s sampling)",
             split.mode,
             len(split.train),
             len(split.val),
@@ -289,8 +322,16 @@ class CropDataModule(pl.LightningDataModule):
             len(frames["train"]),
             len(frames["val"]),
             len(frames["test"]),
-            len(self.train_sample),
+            self.train_epoch_length,
+            self.sampling,
         )
+
+    @property
+    def train_epoch_length(self) -> int:
+        """Training samples drawn per epoch: the balanced set's size (either sampling)."""
+        if self.train_weights is not None:
+            return round(float(self.train_weights.sum()))
+        return len(self.train_sample)
 
     def split_summary(self) -> dict[str, Any]:
         """The ``split`` block of ``metrics.json`` (counts only, no patient ids)."""
@@ -304,19 +345,26 @@ class CropDataModule(pl.LightningDataModule):
             raise RuntimeError("call setup() before asking for a dataloader")
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         dataset = self._datasets[name]
+        sampler, n = None, len(dataset)
+        if name == "train" and self.train_weights is not None:
+            n = self.train_epoch_length
+            sampler = WeightedRandomSampler(
+                torch.as_tensor(self.train_weights, dtype=torch.double),
+                num_samples=n,
+                replacement=True,
+                generator=generator,
+            )
+            shuffle = False  # the sampler draws the epoch (DDP: Lightning shards it per rank)
         # A training batch of one sample breaks BatchNorm (EfficientNet's squeeze-excite sees 1×1
         # maps): drop the ragged last training batch only when it would hold a single sample, so
         # small training sets keep every sample otherwise.
-        drop_last = (
-            name == "train"
-            and len(dataset) > self.batch_size
-            and len(dataset) % self.batch_size == 1
-        )
+        drop_last = name == "train" and n > self.batch_size and n % self.batch_size == 1
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
-            generator=generator,
+            sampler=sampler,
+            generator=None if sampler is not None else generator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,

@@ -6,7 +6,12 @@ checkpoint of ``python -m crc_lightning.pretrain``) and whether the self-attenti
 attention + ReLU over the spatial tokens) sits before the FC layer; see ``conf/variant/``.
 
 Optimizer and scheduler come from the config as partials (``_partial_: true``) so they are swapped
-without code. The checkpoint is self-describing: class names, label set, resolution, CT window,
+without code. Two recipe knobs sit beside them (paper values = off): ``label_smoothing`` ε turns the
+*training* BCE targets into ``y (1 - ε) + ε / 2`` (validation and test losses keep the hard targets,
+so ``val/loss`` — early stopping, the best checkpoint — is the same quantity whatever ε), and
+``lr_schedule`` ``{name: constant | cosine, warmup_epochs, warmup_start_factor, min_lr_factor}``:
+``cosine`` is torch's ``LinearLR`` warmup then ``CosineAnnealingLR`` down to ``lr · min_lr_factor``
+(``SequentialLR``), stepped every optimizer step over the trainer's ``estimated_stepping_batches``. The checkpoint is self-describing: class names, label set, resolution, CT window,
 preprocessing parameters, variant and weight provenance are in its hyper-parameters, and
 :func:`crc_lightning.models.checkpoint.load_model` rebuilds the model from them (weights-only,
 strict) without needing the ImageNet/SimCLR file that training started from.
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
@@ -40,12 +46,48 @@ from crc_lightning.models.simclr import load_simclr_weights, pretrain_command, s
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "LR_SCHEDULES",
     "DefinedClassAUROC",
     "MutationClassifier",
     "load_simclr_into",
     "require_simclr_file",
     "simclr_file",
 ]
+
+
+LR_SCHEDULES = ("constant", "cosine")
+_LR_SCHEDULE_DEFAULTS = {
+    "name": "constant",
+    "warmup_epochs": 0.0,
+    "warmup_start_factor": 0.01,
+    "min_lr_factor": 0.0,
+}
+
+
+def smooth_targets(target: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Binary label smoothing: ``y (1 - ε) + ε / 2`` (1 → 1 - ε/2, 0 → ε/2)."""
+    return target * (1.0 - smoothing) + 0.5 * smoothing
+
+
+def check_lr_schedule(schedule: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``model.lr_schedule`` node with its defaults, checked (ValueError naming the key)."""
+    out = dict(_LR_SCHEDULE_DEFAULTS)
+    given = dict(_plain(schedule) or {})
+    unknown = set(given) - set(out)
+    if unknown:
+        raise ValueError(f"model.lr_schedule: unknown keys {sorted(unknown)}; known: {sorted(out)}")
+    out.update({k: v for k, v in given.items() if v is not None})
+    if out["name"] not in LR_SCHEDULES:
+        raise ValueError(f"model.lr_schedule.name={out['name']!r}: choose one of {LR_SCHEDULES}")
+    if float(out["warmup_epochs"]) < 0:
+        raise ValueError(
+            f"model.lr_schedule.warmup_epochs must be >= 0, got {out['warmup_epochs']}"
+        )
+    if not 0 < float(out["warmup_start_factor"]) <= 1:
+        raise ValueError("model.lr_schedule.warmup_start_factor must be in (0, 1]")
+    if not 0 <= float(out["min_lr_factor"]) <= 1:
+        raise ValueError("model.lr_schedule.min_lr_factor must be in [0, 1]")
+    return out
 
 
 class DefinedClassAUROC(Metric):
@@ -171,6 +213,8 @@ class MutationClassifier(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         scheduler_monitor: str = "val/loss",
+        label_smoothing: float = 0.0,
+        lr_schedule: Mapping[str, Any] | None = None,
         meta: Mapping[str, Any] | None = None,
         weights_info: Mapping[str, Any] | None = None,
         init_weights: bool = True,
@@ -189,6 +233,15 @@ class MutationClassifier(L.LightningModule):
         self._optimizer_factory = optimizer
         self._scheduler_factory = scheduler
         self.scheduler_monitor = scheduler_monitor
+        self.label_smoothing = float(label_smoothing)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.lr_schedule = check_lr_schedule(lr_schedule)
+        if self.lr_schedule["name"] != "constant" and scheduler is not None:
+            raise ValueError(
+                "model.scheduler and model.lr_schedule.name="
+                f"{self.lr_schedule['name']} both set: keep one (model.scheduler=null)"
+            )
 
         weights = str(bb["weights"]) if init_weights else "none"
         self.backbone, info = create_backbone(
@@ -231,6 +284,8 @@ class MutationClassifier(L.LightningModule):
                 "dropout": float(dropout),
                 "res": int(res),
                 "scheduler_monitor": scheduler_monitor,
+                "label_smoothing": self.label_smoothing,
+                "lr_schedule": self.lr_schedule,
                 "meta": _plain(dict(meta or {})),
                 "weights_info": provenance,
             }
@@ -253,14 +308,19 @@ class MutationClassifier(L.LightningModule):
         """Logits ``[B, num_classes]``."""
         return self.fc(self.dropout(self.features(x)))
 
-    def _step(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(
+        self, batch: Mapping[str, torch.Tensor], smoothing: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self(batch["image"])
-        loss = self.criterion(logits, batch["target"].to(logits.dtype))
+        target = batch["target"].to(logits.dtype)
+        if smoothing:
+            target = smooth_targets(target, smoothing)
+        loss = self.criterion(logits, target)
         return loss, logits
 
     # ---- loops -------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, logits = self._step(batch)
+        loss, logits = self._step(batch, self.label_smoothing)
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=logits.shape[0])
         return loss
 
@@ -317,6 +377,11 @@ class MutationClassifier(L.LightningModule):
         if self._optimizer_factory is None:
             raise ValueError("model.optimizer is not set (expected a `_partial_: true` optimizer)")
         opt = self._optimizer_factory(params=self.parameters())
+        if self.lr_schedule["name"] == "cosine":
+            return {
+                "optimizer": opt,
+                "lr_scheduler": {"scheduler": self._cosine(opt), "interval": "step"},
+            }
         if self._scheduler_factory is None:
             return opt
         sched = self._scheduler_factory(optimizer=opt)
@@ -328,3 +393,23 @@ class MutationClassifier(L.LightningModule):
                 "interval": "epoch",
             },
         }
+
+    def _cosine(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """Linear warmup over ``warmup_epochs`` (from ``lr · warmup_start_factor``), then cosine
+        annealing to ``lr · min_lr_factor`` at the last step (torch schedulers, per step)."""
+        from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+        steps = float(self.trainer.estimated_stepping_batches)
+        if not np.isfinite(steps) or steps <= 0:
+            raise ValueError("lr_schedule=cosine needs a finite trainer.max_epochs or max_steps")
+        total = int(steps)
+        epochs = max(1, int(self.trainer.max_epochs or 1))
+        warmup = min(round(float(self.lr_schedule["warmup_epochs"]) * total / epochs),
+                     total - 1)  # fmt: skip
+        eta_min = float(opt.param_groups[0]["lr"]) * float(self.lr_schedule["min_lr_factor"])
+        cosine = CosineAnnealingLR(opt, T_max=max(1, total - warmup), eta_min=eta_min)
+        if warmup == 0:
+            return cosine
+        start = float(self.lr_schedule["warmup_start_factor"])
+        ramp = LinearLR(opt, start_factor=start, end_factor=1.0, total_iters=warmup)
+        return SequentialLR(opt, [ramp, cosine], milestones=[warmup])

@@ -243,6 +243,48 @@ def test_paper_grid_experiment_sweeps_the_grid(store, tmp_path) -> None:
     )
 
 
+def test_experiment_paper_pins_the_papers_settings() -> None:
+    """experiment=paper: the paper's Sec. IV.C / V settings, whatever this framework's defaults."""
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("run", overrides=["experiment=paper", "model.backbone.weights=none",
+                                        "paths.root_dir=/tmp"])  # fmt: skip
+    assert (cfg.split.mode, cfg.split.test_size, cfg.split.val_size) == ("holdout", 0.1, 0.1)
+    assert cfg.datamodule.split.mode == "holdout"
+    opt = cfg.model.optimizer
+    assert (opt._target_, opt.lr, opt.momentum, opt.weight_decay) == (
+        "torch.optim.SGD", 1e-3, 0.9, 5e-4
+    )  # fmt: skip
+    assert cfg.datamodule.batch_size == 16 and cfg.datamodule.balance is True
+    assert cfg.datamodule.sampling == "image" and cfg.model.label_smoothing == 0.0
+    assert cfg.model.lr_schedule.name == "constant" and cfg.model.scheduler is None
+    assert cfg.trainer.max_epochs == 100 and cfg.callbacks.early_stopping.patience == 10
+    assert cfg.callbacks.early_stopping.monitor == cfg.callbacks.model_checkpoint.monitor
+    assert cfg.datamodule.augment.rotation_degrees == 180.0
+    model = instantiate(cfg.model)  # a constant lr: the bare optimizer, no scheduler
+    assert isinstance(model.configure_optimizers(), torch.optim.SGD)
+
+
+def test_recipe_knobs_run_end_to_end_and_bad_ones_are_one_line(store, tmp_path) -> None:
+    from crc_lightning.apps._hydra import UsageError
+
+    out = tmp_path / "job"
+    knobs = ("datamodule.sampling=lesion", "model.label_smoothing=0.1",
+             "model.lr_schedule.name=cosine", "model.lr_schedule.warmup_epochs=1")  # fmt: skip
+    cfg = make_cfg(store, out, "model.backbone.weights=none", "labels=three",
+                   "trainer.max_epochs=2", *knobs)  # fmt: skip
+    result = run(cfg)
+    check_contract(result, out, CLASSES["three"])
+    for bad, message in (("datamodule.sampling=slice", "datamodule.sampling=slice"),
+                         ("model.label_smoothing=1.5", "model.label_smoothing=1.5"),
+                         ("model.lr_schedule.name=step", "lr_schedule.name='step'")):  # fmt: skip
+        job = tmp_path / bad.split("=")[0]
+        with pytest.raises(UsageError, match=message):
+            run(make_cfg(store, job, "model.backbone.weights=none", bad))
+        assert not job.exists()
+
+
 def test_seed_ranges_expand_inclusively() -> None:
     argv = expand_ranges(["-m", "variant=oodp_sa", "res=128", "seed=0..4", "+split.fold=-1..1"])
     assert argv == [
@@ -550,8 +592,15 @@ def test_config_hash_ignores_paths_and_display_only(store, tmp_path) -> None:
     assert config_hash(make_cfg(store, tmp_path / "a", "seed=3", "logger=none",
                                 "trainer.enable_progress_bar=true", "resume=false")) == base  # fmt: skip
     for change in ("seed=4", "model.dropout=0.3", "split.n_splits=3", "labels=three",
-                   "trainer.max_epochs=7", "datamodule.batch_size=8"):  # fmt: skip
+                   "trainer.max_epochs=7", "datamodule.batch_size=8", "model.label_smoothing=0.1",
+                   "model.lr_schedule.name=cosine", "datamodule.sampling=lesion"):  # fmt: skip
         assert config_hash(make_cfg(store, tmp_path / "a", "seed=3", change)) != base, change
+    # the recipe knobs at the paper's values hash as a config from before they existed
+    older = make_cfg(store, tmp_path / "a", "seed=3", "~model.lr_schedule",
+                     "~model.label_smoothing", "~datamodule.sampling")  # fmt: skip
+    assert "lr_schedule" not in older.model and config_hash(older) == base
+    warm = make_cfg(store, tmp_path / "a", "seed=3", "model.lr_schedule.warmup_epochs=3")
+    assert config_hash(warm) == base  # a warmup of a constant schedule changes nothing
 
 
 def test_resume_trains_again_when_the_config_or_version_changed(store, tmp_path) -> None:

@@ -6,8 +6,16 @@ import statistics
 
 import numpy as np
 import pytest
+import torch
+from torch.utils.data import WeightedRandomSampler
 
-from crc_lightning.data.balance import NO_CLASS, assign_groups, median_balance, median_target
+from crc_lightning.data.balance import (
+    NO_CLASS,
+    assign_groups,
+    lesion_weights,
+    median_balance,
+    median_target,
+)
 
 
 def _single_label(counts: list[int]) -> np.ndarray:
@@ -96,3 +104,59 @@ def test_degenerate_and_bad_inputs():
         median_balance(np.array([[2, 0]]), np.random.default_rng(0))
     with pytest.raises(ValueError, match=r"\[n, C\]"):
         median_balance(np.array([1, 0]), np.random.default_rng(0))
+
+
+# --------------------------------------------------------------------------- lesion-level sampling
+# Hand-built: class counts [6, 2, 4] → median 4. Group 0 = rows of lesions a (4 slices), b (1);
+# group 1 = c, d (1 each); group 2 = e (3 slices) and f, whose BRAF+OTHER row is assigned to
+# OTHER (4 positives) rather than KRAS (6).
+_Y = np.array([[1, 0, 0]] * 5 + [[0, 1, 0]] * 2 + [[0, 0, 1]] * 3 + [[1, 0, 1]])
+_LESIONS = np.array(list("aaaab") + list("cd") + list("eee") + ["f"])
+# expected draws per epoch, by hand: each group's budget 4 split equally over its 2 lesions
+_PER_LESION_BALANCED = {"a": 2.0, "b": 2.0, "c": 2.0, "d": 2.0, "e": 2.0, "f": 2.0}
+
+
+def _per_lesion(weights: np.ndarray) -> dict[str, float]:
+    return {k: float(weights[_LESIONS == k].sum()) for k in np.unique(_LESIONS)}
+
+
+def test_lesion_weights_give_every_lesion_of_a_group_its_equal_share_by_hand():
+    w = lesion_weights(_Y, _LESIONS, balance=True)
+    assert _per_lesion(w) == pytest.approx(_PER_LESION_BALANCED)
+    # a lesion's share is split evenly over its slices: a's 4 slices get 0.5 each, e's 3 get 2/3
+    np.testing.assert_allclose(w[:4], 0.5)
+    np.testing.assert_allclose(w[7:10], 2.0 / 3.0)
+    # the epoch keeps the balanced set's length and each group its median budget
+    assert w.sum() == pytest.approx(len(median_balance(_Y, np.random.default_rng(0))))
+    for g in np.unique(assign_groups(_Y)):
+        assert w[assign_groups(_Y) == g].sum() == pytest.approx(median_target(_Y))
+
+
+def test_lesion_weights_without_balancing_make_every_lesion_equal():
+    w = lesion_weights(_Y, _LESIONS, balance=False)
+    n, n_lesions = len(_Y), len(np.unique(_LESIONS))
+    assert w.sum() == pytest.approx(n)
+    assert _per_lesion(w) == pytest.approx(dict.fromkeys("abcdef", n / n_lesions))
+
+
+def test_weighted_sampler_draws_each_lesion_as_often_as_the_weights_say():
+    """Empirical oracle: many epochs of torch's WeightedRandomSampler with these weights."""
+    w = lesion_weights(_Y, _LESIONS, balance=True)
+    epochs, per_epoch = 4000, round(float(w.sum()))
+    sampler = WeightedRandomSampler(torch.as_tensor(w), per_epoch * epochs, replacement=True,
+                                    generator=torch.Generator().manual_seed(0))  # fmt: skip
+    drawn = _LESIONS[np.fromiter(iter(sampler), dtype=np.int64)]
+    for lesion, expected in _PER_LESION_BALANCED.items():
+        # 2 expected draws an epoch: a binomial over 48 000 draws, sd ≈ 0.018 an epoch
+        assert np.mean(drawn == lesion) * per_epoch == pytest.approx(expected, abs=0.08)
+    # lesion a (4 slices) is drawn as often as b (1 slice), not 4× as image-level draws would
+    assert np.sum(drawn == "a") == pytest.approx(np.sum(drawn == "b"), rel=0.05)
+
+
+def test_lesion_weights_bad_and_degenerate_inputs():
+    with pytest.raises(ValueError, match="one id per row"):
+        lesion_weights(_Y, _LESIONS[:-1])
+    assert lesion_weights(np.zeros((0, 3)), np.array([])).shape == (0,)
+    # no positive anywhere: nothing to balance on, every lesion equal over the n rows
+    w = lesion_weights(np.zeros((3, 2), dtype=int), np.array(["x", "x", "y"]))
+    np.testing.assert_allclose(w, [0.75, 0.75, 1.5])

@@ -179,6 +179,65 @@ def test_train_set_is_median_balanced(store):
     assert len(dm.val_dataloader().dataset) == len(dm.val_index)
 
 
+def _draws_per_lesion(dm: CropDataModule, epochs: int) -> pd.Series:
+    """Mean draws an epoch of every training lesion (the store's own ``lesion_uid`` column),
+    counted over ``epochs`` epochs of the training loader's sampler."""
+    loader = dm.train_dataloader()
+    rows = np.concatenate(
+        [np.fromiter(iter(loader.sampler), dtype=np.int64) for _ in range(epochs)]
+    )
+    uid = dm.train_index["lesion_uid"].astype(str)
+    drawn = uid.iloc[dm.train_sample[rows]].value_counts() / epochs
+    return drawn.reindex(uid.unique(), fill_value=0.0)
+
+
+def test_lesion_sampling_draws_every_lesion_equally_whatever_its_slice_count(store):
+    image = _dm(store[0], balance=False)
+    lesion = _dm(store[0], balance=False, sampling="lesion")
+    n, uid = len(lesion.train_index), lesion.train_index["lesion_uid"].astype(str)
+    slices = uid.value_counts()
+    assert slices.nunique() > 1, "the fake store must have lesions of different slice counts"
+    # the paper's sampling: each image once an epoch, so a lesion is drawn as often as its slices
+    pd.testing.assert_series_equal(
+        _draws_per_lesion(image, 1).sort_index(), slices.sort_index().astype(float),
+        check_names=False,
+    )  # fmt: skip
+    # lesion sampling: the same epoch length, n / L expected draws for every lesion
+    assert len(list(iter(lesion.train_dataloader().sampler))) == n == lesion.train_epoch_length
+    per = _draws_per_lesion(lesion, 3000)
+    np.testing.assert_allclose(per.to_numpy(), n / uid.nunique(), rtol=0.06)
+
+
+def test_lesion_sampling_keeps_the_median_balanced_budget_per_group(store):
+    dm = _dm(store[0], sampling="lesion")
+    y = dm._datasets["train"].targets.numpy().astype(int)
+    groups = assign_groups(y)
+    balanced = _dm(store[0])
+    assert dm.train_epoch_length == len(balanced.train_sample)  # the paper's epoch length
+    uid = dm.train_index["lesion_uid"].astype(str).to_numpy()
+    per = _draws_per_lesion(dm, 3000)
+    for g in np.unique(groups):
+        lesions = np.unique(uid[groups == g])
+        # every lesion of the group: m / L_g expected draws an epoch
+        np.testing.assert_allclose(
+            per[lesions].to_numpy(), median_target(y) / len(lesions), rtol=0.08
+        )
+    # exact weights: the group's budget, whatever its slices
+    for g in np.unique(groups):
+        assert dm.train_weights[groups == g].sum() == pytest.approx(median_target(y))
+
+
+def test_lesion_sampling_is_seeded_and_redrawn_each_epoch(store):
+    def epochs(seed: int) -> list[list[int]]:
+        loader = _dm(store[0], seed=seed, sampling="lesion").train_dataloader()
+        return [torch.cat([b["index"] for b in loader]).tolist() for _ in range(2)]
+
+    a = epochs(1)
+    assert a == epochs(1) and a[0] != a[1] and a[0] != epochs(2)[0]
+    with pytest.raises(ValueError, match=r"datamodule\.sampling='slice'"):
+        _dm(store[0], sampling="slice")
+
+
 def test_after_transfer_augments_only_while_training(store):
     dm = _dm(store[0], normalize={"mean": 0.5, "std": 0.25})
     raw = next(iter(dm.val_dataloader()))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import math
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -99,6 +101,70 @@ def test_simclr_without_checkpoint_names_the_pretrain_command(tmp_path: Path, at
     }
     with pytest.raises(WeightsNotFoundError, match=r"python -m crc_lightning\.pretrain res=32"):
         _model(backbone=bb, attention=attention)
+
+
+def test_label_smoothing_trains_on_smoothed_targets_and_validates_on_hard_ones() -> None:
+    torch.manual_seed(0)
+    model = _model(label_smoothing=0.1).eval()  # eval: dropout off, the same logits twice
+    with torch.no_grad():  # confident logits, so smoothing changes the loss visibly
+        model.fc.bias.copy_(torch.tensor([4.0, -3.0, 2.0]))
+    y = torch.tensor([[1, 0, 0], [1, 1, 1], [1, 0, 0], [0, 0, 1]]).float()
+    batch = {"image": torch.rand(4, 1, 32, 32), "target": y}
+    loss = model.training_step(batch, 0)
+    logits = model(batch["image"])
+    hand = torch.tensor([[0.95, 0.05, 0.05], [0.95, 0.95, 0.95], [0.95, 0.05, 0.05],
+                         [0.05, 0.05, 0.95]])  # fmt: skip  # y(1 - 0.1) + 0.1/2, by hand
+    torch.testing.assert_close(loss, torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, hand))  # fmt: skip
+    # validation / test: the hard targets (val/loss comparable across ε)
+    val_loss, _ = model._step(batch)
+    torch.testing.assert_close(val_loss, torch.nn.BCEWithLogitsLoss()(logits, y))
+    assert not torch.allclose(loss, val_loss)  # (columns with as many 1s as 0s would tie)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        _model(label_smoothing=1.0)
+
+
+class _LrRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append(float(trainer.optimizers[0].param_groups[0]["lr"]))
+
+
+def _fit_lrs(model: MutationClassifier, epochs: int, n: int = 8, batch: int = 2) -> list[float]:
+    rec = _LrRecorder()
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[rec])  # fmt: skip
+    trainer.fit(model, DataLoader(_Batches(n), batch_size=batch))
+    return rec.lrs
+
+
+def test_cosine_schedule_warms_up_then_anneals_per_step_as_the_closed_form() -> None:
+    sgd = partial(torch.optim.SGD, lr=0.1, momentum=0.9)
+    schedule = {"name": "cosine", "warmup_epochs": 1, "warmup_start_factor": 0.1,
+                "min_lr_factor": 0.01}  # fmt: skip
+    torch.manual_seed(0)
+    lrs = _fit_lrs(_model(optimizer=sgd, lr_schedule=schedule), epochs=3)  # 4 steps an epoch
+    base, start, low, warm, total = 0.1, 0.1, 0.1 * 0.01, 4, 12
+    by_hand = [base * (start + (1 - start) * t / warm) for t in range(warm)] + [
+        low + (base - low) * (1 + math.cos(math.pi * k / (total - warm))) / 2
+        for k in range(total - warm)
+    ]
+    assert lrs == pytest.approx(by_hand, rel=1e-6)
+    # constant (the paper): the optimizer alone, the lr never moves
+    assert _fit_lrs(_model(optimizer=sgd), epochs=1) == pytest.approx([0.1] * 4)
+
+
+def test_bad_schedules_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"lr_schedule\.name='step'"):
+        _model(lr_schedule={"name": "step"})
+    with pytest.raises(ValueError, match="unknown keys"):
+        _model(lr_schedule={"name": "cosine", "warmup": 2})
+    plateau = partial(torch.optim.lr_scheduler.ReduceLROnPlateau)
+    with pytest.raises(ValueError, match="both set"):
+        _model(lr_schedule={"name": "cosine"}, scheduler=plateau)
 
 
 def test_config_optimizer_is_the_papers_sgd() -> None:
