@@ -384,6 +384,13 @@ _NOISE_WARNINGS = (
         UserWarning,
         "",
     ),
+    # on any machine with SLURM's client tools (a login node, a workstation with slurm-wlm):
+    # jobs started by our own SLURM launcher run under srun, so the hint is only ever noise here
+    (
+        r"The `srun` command is available on your system but is not used",
+        UserWarning,
+        r"lightning\.",
+    ),
 )
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
 
