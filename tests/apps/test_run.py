@@ -6,8 +6,10 @@ tested once, label sets paired, splits.json round trip, kfold = one cv fold), sw
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ import timm
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 from sklearn.metrics import f1_score, hamming_loss, roc_auc_score
 
 from crc_lightning.apps._hydra import RangeOutsideSweepError, expand_ranges, get_metric_value
@@ -601,6 +604,68 @@ def test_config_hash_ignores_paths_and_display_only(store, tmp_path) -> None:
     assert "lr_schedule" not in older.model and config_hash(older) == base
     warm = make_cfg(store, tmp_path / "a", "seed=3", "model.lr_schedule.warmup_epochs=3")
     assert config_hash(warm) == base  # a warmup of a constant schedule changes nothing
+
+
+# config_hash as the last version without the recipe knobs computed it (a16823e), written out here
+# independently of crc_lightning.apps.run: a deep job it finished must keep its hash. (Checked once
+# against a real job a16823e finished: this gives the config_hash its metrics.json records.)
+_OLD_PATH_KEY = re.compile(r"(^|_)(path|file|dir|dirpath|root|store|manifest)s?($|_)")
+_OLD_SKIP_TOP = {"paths", "hydra", "logger", "resume", "print_metrics", "optimized_metric",
+                 "optimized_mode", "radiomics"}  # fmt: skip
+_OLD_SKIP_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps"}
+
+
+def _hash_before_recipe(cfg) -> str:
+    def strip(node):
+        if isinstance(node, dict):
+            return {str(k): strip(v) for k, v in node.items()
+                    if not _OLD_PATH_KEY.search(str(k)) and str(k) not in _OLD_SKIP_KEYS}  # fmt: skip
+        return [strip(v) for v in node] if isinstance(node, list) else node
+
+    tree = {str(k): strip(OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k])
+                          else cfg[k]) for k in cfg if str(k) not in _OLD_SKIP_TOP}  # fmt: skip
+    tree["variant"].pop("fusion", None)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "variant", ["variant=baseline model.backbone.weights=none", "variant=oodp"]
+)
+def test_config_hash_of_a_deep_job_is_the_one_from_before_the_recipe_knobs(
+    store, tmp_path, variant
+) -> None:
+    """As ``python -m crc_lightning.run`` composes it (the hydra node set, so
+    ``${hydra:runtime.output_dir}`` resolves): the knobs at the paper's values hash as the old
+    algorithm hashed the old tree (the same config without the knobs); any other value differs."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from crc_lightning.apps.run import config_hash
+
+    knobs = ("model.lr_schedule", "model.label_smoothing", "datamodule.sampling")
+
+    def job(*overrides: str):
+        args = [f"data.store={store}", f"paths.root_dir={tmp_path}", "res=64", "seed=1",
+                "labels=three", "split.n_splits=3", "trainer=cpu", "trainer.max_epochs=3",
+                "logger=none", *variant.split(), *overrides]  # fmt: skip
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose("run", overrides=args, return_hydra_config=True)
+        cfg.hydra.runtime.output_dir = str(tmp_path / "job")
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    def before_recipe(*overrides: str) -> str:
+        old_tree = job(*overrides, *(f"~{k}" for k in knobs))
+        assert all(OmegaConf.select(old_tree, k) is None for k in knobs)
+        return _hash_before_recipe(old_tree)
+
+    try:
+        for overrides in ((), ("experiment=paper",), ("model.lr_schedule.warmup_epochs=5",)):
+            assert config_hash(job(*overrides)) == before_recipe(*overrides), overrides
+        for change in ("model.label_smoothing=0.05", "model.lr_schedule.name=cosine",
+                       "datamodule.sampling=lesion"):  # fmt: skip
+            assert config_hash(job(change)) != before_recipe(), change
+    finally:
+        HydraConfig.instance().cfg = None
 
 
 def test_resume_trains_again_when_the_config_or_version_changed(store, tmp_path) -> None:
