@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -251,7 +252,7 @@ def decision_curve_figure(dca: pd.DataFrame, path: Path, title: str) -> Path:
     ax.set_xlabel("threshold probability of RAS mutation")
     ax.set_ylabel("net benefit")
     ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=9)  # long: two lines
     return _save(fig, path)
 
 
