@@ -43,8 +43,9 @@ THRESHOLD = 0.5
 
 
 def _as_tensors(y_true: Any, y_prob: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    target = torch.as_tensor(np.asarray(y_true), dtype=torch.long)
-    prob = torch.as_tensor(np.asarray(y_prob), dtype=torch.float64)
+    # own copies: pandas 3 hands out read-only views, which torch warns about on every call
+    target = torch.tensor(np.array(y_true, dtype=np.int64))
+    prob = torch.tensor(np.array(y_prob, dtype=np.float64))
     if target.ndim != 2 or target.shape != prob.shape:
         raise ValueError(
             f"y_true and y_prob must both be [n, C]; got {tuple(target.shape)} and {tuple(prob.shape)}"
