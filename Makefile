@@ -48,8 +48,8 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format crc_lightning hydra_plugins tests benchmarks
 	$(VENV)/bin/ruff check --fix crc_lightning hydra_plugins tests benchmarks
 
-# The main job end-to-end on the built-in synthetic cohort, every stage, in ≤ 5 minutes on 2 CPU
-# cores after the install: synthetic cohort -> crop store (preprocess) -> a short SimCLR pretraining
+# The main job end-to-end on the built-in synthetic cohort, every stage (about 2100 CPU seconds
+# after the install, measured by `make bench-demo`): synthetic cohort -> crop store (preprocess) -> a short SimCLR pretraining
 # on a second (OOD) synthetic cohort -> baseline and OODp classifiers over two seeds -> report.html.
 # Small on purpose (res 32, a few epochs, batches of 32, 3 folds when `run` cross-validates): a
 # smoke test of the whole pipeline, not a result; `make demo-full` trains longer for nicer numbers.
