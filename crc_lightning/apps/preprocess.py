@@ -249,12 +249,10 @@ def preprocess(cfg: DictConfig) -> dict[str, Any]:
     from crc_lightning.preprocessing.algorithm import PreprocessParams
     from crc_lightning.sources import load_cases
 
-    validate(cfg)
+    validate(cfg)  # also refuses merge=true together with shard=…
     store = Path(cfg.data.store)
     shard = cfg.get("shard")
     if cfg.get("merge"):
-        if shard is not None:
-            raise UsageError("merge=true and shard=… are two steps: run the shards, then merge")
         return _finish(cfg, store, merge_shards(store))
     params = PreprocessParams.from_config(plain(cfg.preprocess))
     genes = LabelSet.from_config(cfg.labels).genes
